@@ -1,0 +1,163 @@
+//! Command-line interface (clap). Parsing only: every command's behaviour lives in
+//! `daemon` or `client`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tether",
+    version,
+    about = "Runs builds inside a container through a framed stdin protocol or a Unix socket"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon: keep the container alive and serve builds over stdin/stdout.
+    Serve(ServeArgs),
+    /// Run a build through a daemon and stream its output; exits with its status.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct LogArgs {
+    /// Log filter for tether's own messages on stderr (RUST_LOG syntax; RUST_LOG wins).
+    #[arg(long, value_name = "LEVEL")]
+    pub log_level: Option<String>,
+    /// Log line format.
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Directory for build directories (default: a `tether-UID` dir in the system temp dir).
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Exit when stdin ends, after cancelling running builds. Without it the daemon
+    /// keeps the container alive after EOF (a pod with `stdin: false`).
+    #[arg(long)]
+    pub exit_on_eof: bool,
+    /// Default time between SIGTERM and SIGKILL when a build is cancelled or times out.
+    #[arg(long, value_name = "DUR", default_value = "10s", value_parser = parse_duration)]
+    pub grace: Duration,
+    /// Also serve on a Unix socket (not yet supported).
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ConnectArgs {
+    /// Speak to a daemon through this command's stdin/stdout, run with `sh -c`
+    /// (e.g. `kubectl attach -i POD -c CTR`, `ssh host tether serve`).
+    #[arg(long, value_name = "CMD", conflicts_with = "socket")]
+    pub via: Option<String>,
+    /// Speak to a daemon on this Unix socket (not yet supported).
+    #[arg(long, value_name = "PATH", env = "TETHER_SOCKET")]
+    pub socket: Option<PathBuf>,
+    /// More of tether's own messages on stderr (repeat for more).
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+    /// Set an environment variable for the build (repeatable).
+    #[arg(long = "env", short = 'e', value_name = "K=V", value_parser = parse_env)]
+    pub env: Vec<(String, String)>,
+    /// Run in this directory, relative to the build's private work dir.
+    #[arg(long, value_name = "DIR")]
+    pub workdir: Option<PathBuf>,
+    /// Cancel the build after this long (exit status 124).
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub timeout: Option<Duration>,
+    /// Time between SIGTERM and SIGKILL on cancel and timeout (default: the daemon's).
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub grace: Option<Duration>,
+    /// Forward this process's stdin to the build; close it at EOF.
+    #[arg(short = 'i', long)]
+    pub interactive: bool,
+    /// Print one JSON event per line (started, output, exited) instead of raw output.
+    #[arg(long)]
+    pub json: bool,
+    /// A name for the build (part of its id and directory name).
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// Run this script with a shell (`sh` on PATH, `/bin/sh`, `/busybox/sh`).
+    #[arg(
+        long,
+        value_name = "SCRIPT",
+        conflicts_with = "argv",
+        required_unless_present = "argv"
+    )]
+    pub sh: Option<String>,
+    /// The shell for `--sh` instead of the one found.
+    #[arg(long, value_name = "PATH", requires = "sh")]
+    pub shell: Option<PathBuf>,
+    /// The command to run, directly (no shell).
+    #[arg(last = true, value_name = "ARGV")]
+    pub argv: Vec<std::ffi::OsString>,
+}
+
+/// Parses `10s`, `1m30s`, `250ms`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if let Ok(secs) = s.parse::<f64>() {
+        if secs.is_finite() && secs >= 0.0 {
+            return Ok(Duration::from_secs_f64(secs));
+        }
+        return Err(format!("invalid duration {s:?}"));
+    }
+    humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e}"))
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("expected K=V, got {s:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("0.5"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert!(parse_duration("-1").is_err());
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn env_pairs() {
+        assert_eq!(parse_env("A=b=c"), Ok(("A".into(), "b=c".into())));
+        assert!(parse_env("=x").is_err());
+        assert!(parse_env("novalue").is_err());
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,206 @@
+//! Reaching a daemon: spawn one (`tether serve --exit-on-eof`, the default), or run a
+//! `--via` command (`kubectl attach -i`, `ssh host tether serve`, `runc run`) and speak
+//! over its stdin/stdout; then the handshake.
+//!
+//! The spawned process gets its own process group, so a Ctrl-C at the terminal reaches
+//! only this client, which then cancels the build through the protocol instead of
+//! losing its connection. Through `--via`, the client first sends
+//! [`tether_protocol::SYNC_PAD_LEN`] zero bytes: the stream may be one that an earlier
+//! client abandoned in the middle of a frame (PROTOCOL.md, "Takeover").
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use tether_protocol::{
+    self as wire, check_welcome, ClientMessage, DaemonMessage, Hello, Welcome, PREAMBLE, SYNC_PAD_LEN,
+};
+use tokio::io::AsyncWriteExt;
+use tokio::process::{Child, ChildStdin, Command};
+use tokio::sync::mpsc;
+
+use crate::cli::ConnectArgs;
+use crate::wire::{push_frame, read_async, Inbound};
+
+/// How long the daemon may take to answer Hello.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a daemon or `--via` command may take to exit after we closed its stdin.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The client's version, sent in Hello.
+pub const CLIENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// An open session with a daemon.
+pub struct Connection {
+    pub inbound: mpsc::Receiver<Inbound<DaemonMessage>>,
+    pub writer: FrameWriter,
+    pub welcome: Welcome,
+    child: Child,
+    what: String,
+}
+
+/// Sends frames to the daemon.
+pub struct FrameWriter {
+    stdin: ChildStdin,
+    buf: Vec<u8>,
+}
+
+impl FrameWriter {
+    pub async fn send(&mut self, msg: &ClientMessage) -> anyhow::Result<()> {
+        self.buf.clear();
+        push_frame(&mut self.buf, msg)?;
+        self.stdin
+            .write_all(&self.buf)
+            .await
+            .context("the connection to the daemon was lost")?;
+        self.stdin
+            .flush()
+            .await
+            .context("the connection to the daemon was lost")
+    }
+}
+
+/// Opens a session as the arguments say.
+pub async fn connect(args: &ConnectArgs) -> anyhow::Result<Connection> {
+    if let Some(socket) = &args.socket {
+        bail!(
+            "--socket {} is not yet supported; use --via or no option",
+            socket.display()
+        );
+    }
+    let (mut cmd, what, pad) = match &args.via {
+        Some(via) => {
+            let mut cmd = Command::new("sh");
+            cmd.arg("-c").arg(via);
+            (cmd, format!("--via command {via:?}"), true)
+        }
+        None => {
+            let exe = std::env::current_exe().context("cannot find the tether binary to start a daemon")?;
+            let mut cmd = Command::new(exe);
+            let level = match args.verbose {
+                0 => "warn",
+                1 => "info",
+                _ => "debug",
+            };
+            cmd.args(["serve", "--exit-on-eof", "--log-level", level]);
+            (cmd, "tether serve".to_owned(), false)
+        }
+    };
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .process_group(0);
+    let mut child = cmd.spawn().with_context(|| format!("cannot start {what}"))?;
+    let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+        bail!("{what} has no stdio pipes");
+    };
+    let (tx, inbound) = mpsc::channel(64);
+    tokio::spawn(read_async::<DaemonMessage>(stdout, tx));
+
+    let mut writer = FrameWriter { stdin, buf: Vec::new() };
+    let mut opening = if pad { vec![0u8; SYNC_PAD_LEN] } else { Vec::new() };
+    opening.extend_from_slice(PREAMBLE);
+    push_frame(
+        &mut opening,
+        &ClientMessage::Hello(Hello {
+            protocol: wire::PROTOCOL_VERSION,
+            client_version: CLIENT_VERSION.to_owned(),
+            capabilities: Vec::new(),
+        }),
+    )?;
+    // A daemon that died at once closes its stdin; the handshake below says why.
+    let _ = writer.stdin.write_all(&opening).await;
+    let _ = writer.stdin.flush().await;
+
+    let mut conn = Connection {
+        inbound,
+        writer,
+        welcome: placeholder_welcome(),
+        child,
+        what,
+    };
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.await_welcome()).await {
+        Ok(Ok(welcome)) => {
+            conn.welcome = welcome;
+            Ok(conn)
+        }
+        Ok(Err(e)) => {
+            conn.abort().await;
+            Err(e)
+        }
+        Err(_) => {
+            conn.abort().await;
+            Err(anyhow!("no answer from {} within {:?}", conn.what, HANDSHAKE_TIMEOUT))
+        }
+    }
+}
+
+fn placeholder_welcome() -> Welcome {
+    Welcome {
+        protocol: 0,
+        daemon_version: String::new(),
+        capabilities: Vec::new(),
+        limits: wire::Limits {
+            max_payload: 0,
+            max_chunk: 0,
+            stdin_window: 0,
+        },
+        builds: Vec::new(),
+    }
+}
+
+impl Connection {
+    async fn await_welcome(&mut self) -> anyhow::Result<Welcome> {
+        loop {
+            let Some(item) = self.inbound.recv().await else {
+                bail!("{} closed the connection", self.what);
+            };
+            match item {
+                Inbound::Message(DaemonMessage::Welcome(w)) => {
+                    check_welcome(&w, CLIENT_VERSION)?;
+                    tracing::debug!(daemon = %w.daemon_version, running = w.builds.len(), "connected");
+                    return Ok(w);
+                }
+                Inbound::Message(DaemonMessage::Error(e)) => bail!("{}", e.message),
+                // Replies to an earlier client on a taken-over stream, pad complaints.
+                Inbound::Message(_) | Inbound::Preamble | Inbound::Corrupt(_) | Inbound::Undecodable(_) => {}
+                Inbound::Eof(_) | Inbound::Failed(_) => {
+                    let status = tokio::time::timeout(Duration::from_secs(2), self.child.wait()).await;
+                    match status {
+                        Ok(Ok(st)) => bail!("{} ended before the daemon answered ({st})", self.what),
+                        _ => bail!("{} closed its output before the daemon answered", self.what),
+                    }
+                }
+            }
+        }
+    }
+
+    /// A short description of what we are connected through.
+    pub fn describe(&self) -> &str {
+        &self.what
+    }
+
+    /// Ends the session: closes the daemon's stdin and waits for the process (bounded).
+    pub async fn close(self) {
+        let Connection {
+            writer,
+            mut child,
+            what,
+            ..
+        } = self;
+        drop(writer);
+        match tokio::time::timeout(CLOSE_TIMEOUT, child.wait()).await {
+            Ok(Ok(st)) if !st.success() => tracing::debug!(%st, "{what} exited"),
+            Ok(_) => {}
+            Err(_) => {
+                tracing::warn!("{what} did not exit after its stdin closed; killing it");
+                let _ = child.kill().await;
+            }
+        }
+    }
+
+    async fn abort(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+    }
+}

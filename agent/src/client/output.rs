@@ -1,0 +1,135 @@
+//! Where a build's output goes on the client: raw bytes to our stdout/stderr, or one
+//! JSON event per line with `--json`.
+//!
+//! Raw output is written by one thread per stream doing blocking writes (our stdout may
+//! be a pipe, a file or a terminal shared with other processes; it is never made
+//! non-blocking). Offsets are tracked per stream so that a chunk seen twice is never
+//! printed twice.
+
+use std::os::fd::AsFd;
+
+use base64::Engine;
+use serde_json::{json, Value};
+use tether_protocol::{EndCause, ExitStatus, Exited, OutputStream, Started};
+
+use crate::wire::Sink;
+
+pub struct Output {
+    stdout: Sink,
+    stderr: Sink,
+    json: bool,
+    /// Next expected offset of stdout and stderr.
+    next: [u64; 2],
+}
+
+fn index(stream: OutputStream) -> usize {
+    match stream {
+        OutputStream::Stdout => 0,
+        OutputStream::Stderr => 1,
+    }
+}
+
+impl Output {
+    pub fn new(json: bool) -> std::io::Result<Output> {
+        let stdout = Sink::thread(std::io::stdout().as_fd().try_clone_to_owned()?, "stdout")?;
+        let stderr = Sink::thread(std::io::stderr().as_fd().try_clone_to_owned()?, "stderr")?;
+        Ok(Output {
+            stdout,
+            stderr,
+            json,
+            next: [0; 2],
+        })
+    }
+
+    async fn line(&mut self, v: Value) -> std::io::Result<()> {
+        let mut line = v.to_string().into_bytes();
+        line.push(b'\n');
+        self.stdout.write(line).await
+    }
+
+    pub async fn started(&mut self, s: &Started) -> std::io::Result<()> {
+        if !self.json {
+            return Ok(());
+        }
+        let shell = s.shell.as_ref().map(|b| String::from_utf8_lossy(b).into_owned());
+        self.line(json!({"event": "started", "build": s.build.0, "pid": s.pid, "shell": shell}))
+            .await
+    }
+
+    /// Writes a chunk, skipping any part already written.
+    pub async fn chunk(
+        &mut self,
+        build: &str,
+        stream: OutputStream,
+        offset: u64,
+        data: Vec<u8>,
+    ) -> std::io::Result<()> {
+        let next = &mut self.next[index(stream)];
+        let end = offset + data.len() as u64;
+        if end <= *next {
+            return Ok(());
+        }
+        let skip = next.saturating_sub(offset) as usize;
+        let gap = offset.saturating_sub(*next);
+        let start = offset + skip as u64;
+        *next = end;
+        let data = if skip > 0 { data[skip..].to_vec() } else { data };
+        if gap > 0 {
+            tracing::warn!(?stream, gap, "output missing before offset {offset}");
+        }
+        if self.json {
+            let name = match stream {
+                OutputStream::Stdout => "stdout",
+                OutputStream::Stderr => "stderr",
+            };
+            let mut v = json!({"event": "output", "build": build, "stream": name, "offset": start});
+            match String::from_utf8(data) {
+                Ok(text) => v["data"] = Value::String(text),
+                Err(e) => {
+                    v["data_base64"] = Value::String(base64::engine::general_purpose::STANDARD.encode(e.as_bytes()))
+                }
+            }
+            return self.line(v).await;
+        }
+        match stream {
+            OutputStream::Stdout => self.stdout.write(data).await,
+            OutputStream::Stderr => self.stderr.write(data).await,
+        }
+    }
+
+    pub async fn exited(&mut self, e: &Exited, code: i32) -> std::io::Result<()> {
+        if !self.json {
+            return Ok(());
+        }
+        let status = match e.status {
+            ExitStatus::Code(c) => json!({"code": c}),
+            ExitStatus::Signal { signal, core_dumped } => json!({"signal": signal, "core_dumped": core_dumped}),
+        };
+        let cause = match e.cause {
+            EndCause::Completed => "completed",
+            EndCause::Cancelled => "cancelled",
+            EndCause::TimedOut => "timed_out",
+        };
+        self.line(json!({
+            "event": "exited", "build": e.build.0, "exit_code": code, "status": status, "cause": cause,
+            "duration_ms": e.duration_ms, "stdout_bytes": e.stdout_bytes, "stderr_bytes": e.stderr_bytes,
+        }))
+        .await
+    }
+
+    /// A failure of tether or the request, as an event (JSON mode only).
+    pub async fn error(&mut self, kind: &str, message: &str) -> std::io::Result<()> {
+        if !self.json {
+            return Ok(());
+        }
+        self.line(json!({"event": "error", "kind": kind, "message": message}))
+            .await
+    }
+
+    /// Waits until everything was written.
+    pub async fn close(self) -> std::io::Result<()> {
+        let a = self.stdout.close().await;
+        let b = self.stderr.close().await;
+        a.and(b)
+    }
+}

@@ -1,0 +1,83 @@
+//! Conversions between wire types (tether-protocol) and executor types, at the edge.
+
+use std::ffi::OsString;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tether_executor::{BuildOutcome, BuildSpec, ChildStatus, CommandSpec, EndCause, Stream};
+use tether_protocol as wire;
+
+fn os(b: &wire::Bytes) -> OsString {
+    OsString::from_vec(b.to_vec())
+}
+
+/// Bytes of a path, for the wire.
+pub fn path_bytes(p: &std::path::Path) -> wire::Bytes {
+    wire::Bytes::from(p.as_os_str().as_bytes().to_vec())
+}
+
+/// A wire run request as an executor spec.
+pub fn build_spec(spec: &wire::RunSpec) -> BuildSpec {
+    BuildSpec {
+        name: spec.name.clone(),
+        command: match &spec.command {
+            wire::CommandSpec::Argv(argv) => CommandSpec::Argv(argv.iter().map(os).collect()),
+            wire::CommandSpec::Script { script, shell } => CommandSpec::Script {
+                script: os(script),
+                shell: shell.as_ref().map(|s| PathBuf::from(os(s))),
+            },
+        },
+        env: spec.env.iter().map(|v| (os(&v.name), os(&v.value))).collect(),
+        workdir: spec.workdir.as_ref().map(|w| PathBuf::from(os(w))),
+        timeout: spec.timeout_ms.map(Duration::from_millis),
+        grace: spec.grace_ms.map(Duration::from_millis),
+        stdin: spec.stdin,
+    }
+}
+
+/// One line describing the command, for listings.
+pub fn describe(spec: &wire::RunSpec) -> String {
+    let text = match &spec.command {
+        wire::CommandSpec::Argv(argv) => argv
+            .iter()
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect::<Vec<_>>()
+            .join(" "),
+        wire::CommandSpec::Script { script, .. } => {
+            String::from_utf8_lossy(script).lines().next().unwrap_or("").to_owned()
+        }
+    };
+    text.chars().take(200).collect()
+}
+
+pub fn stream(s: Stream) -> wire::OutputStream {
+    match s {
+        Stream::Stdout => wire::OutputStream::Stdout,
+        Stream::Stderr => wire::OutputStream::Stderr,
+    }
+}
+
+pub fn exited(build: wire::BuildId, o: &BuildOutcome) -> wire::Exited {
+    let status = match o.status {
+        Some(ChildStatus::Exited(code)) => wire::ExitStatus::Code(code),
+        Some(ChildStatus::Signaled { signal, core_dumped }) => wire::ExitStatus::Signal { signal, core_dumped },
+        // The reaper vanished (hard shutdown): report it as killed, which it will be.
+        None => wire::ExitStatus::Signal {
+            signal: libc::SIGKILL,
+            core_dumped: false,
+        },
+    };
+    wire::Exited {
+        build,
+        status,
+        cause: match o.cause {
+            EndCause::Completed => wire::EndCause::Completed,
+            EndCause::Cancelled => wire::EndCause::Cancelled,
+            EndCause::TimedOut => wire::EndCause::TimedOut,
+        },
+        duration_ms: o.duration.as_millis() as u64,
+        stdout_bytes: o.stdout_bytes,
+        stderr_bytes: o.stderr_bytes,
+    }
+}

@@ -1,0 +1,130 @@
+//! `tether serve`: the daemon.
+//!
+//! It keeps the container alive, reads framed sessions from its stdin (and later a Unix
+//! socket), runs builds through the executor, and writes frames to its stdout through a
+//! single writer. Its own logs go to stderr only: at start-up fd 1 is duplicated for the
+//! frame writer and then pointed at stderr, and fd 0 at /dev/null, so nothing stray (a
+//! library's print, a panic message) can reach the protocol stream.
+
+pub mod builds;
+pub mod connection;
+pub mod convert;
+pub mod outbox;
+pub mod session;
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tether_executor::{Executor, ExecutorConfig};
+use tether_protocol::{self as wire, ClientMessage};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
+
+use crate::wire::{read_blocking, Sink};
+use builds::Builds;
+
+/// How the daemon runs (from `tether serve`'s flags).
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub state_dir: Option<PathBuf>,
+    pub exit_on_eof: bool,
+    pub grace: Duration,
+}
+
+/// State shared by every session.
+pub struct Daemon {
+    pub builds: Arc<Builds>,
+    pub version: String,
+    pub limits: wire::Limits,
+}
+
+/// Inbound items buffered between the stdin reader thread and the session loop.
+const INBOUND_QUEUE: usize = 64;
+
+/// Runs the daemon until stdin ends (with `exit_on_eof`) or SIGTERM/SIGINT.
+pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
+    let (frames_in, frames_out) = take_stdio().context("cannot set up stdin/stdout")?;
+    become_subreaper();
+
+    let mut config = ExecutorConfig::new();
+    if let Some(dir) = &opts.state_dir {
+        config.state_root = dir.clone();
+    }
+    config.default_grace = opts.grace;
+    config.chunk_size = wire::MAX_CHUNK;
+    let (executor, swept) = Executor::new(config).context("cannot start the executor")?;
+    for dir in &swept.removed_instances {
+        tracing::info!(dir = %dir.display(), "removed the state of a daemon that died");
+    }
+    for e in &swept.errors {
+        tracing::warn!(error = %e, "sweeping old state");
+    }
+    let state = executor.state().instance_dir().to_path_buf();
+    tracing::info!(state = %state.display(), pid = std::process::id(), "tether serve started");
+
+    let daemon = Arc::new(Daemon {
+        builds: Builds::new(executor.clone(), u64::from(wire::DEFAULT_STDIN_WINDOW)),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        limits: wire::Limits {
+            max_payload: wire::MAX_PAYLOAD as u32,
+            max_chunk: wire::MAX_CHUNK as u32,
+            stdin_window: wire::DEFAULT_STDIN_WINDOW,
+        },
+    });
+
+    let (tx, rx) = mpsc::channel::<crate::wire::Inbound<ClientMessage>>(INBOUND_QUEUE);
+    std::thread::Builder::new()
+        .name("stdin-reader".into())
+        .spawn(move || read_blocking(std::fs::File::from(frames_in), tx))
+        .context("cannot start the stdin reader")?;
+    let sink = Sink::thread(frames_out, "stdout-writer").context("cannot start the stdout writer")?;
+    let mut stdio = connection::Connection::spawn(Arc::clone(&daemon), rx, sink);
+
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut input_open = true;
+    let reason = loop {
+        tokio::select! {
+            _ = &mut stdio.reader, if input_open => {
+                input_open = false;
+                if opts.exit_on_eof {
+                    break "stdin closed";
+                }
+                tracing::info!("stdin closed; serving on until a signal (--exit-on-eof ends here instead)");
+            }
+            _ = sigterm.recv() => break "SIGTERM",
+            _ = sigint.recv() => break "SIGINT",
+        }
+    };
+    tracing::info!(reason, "shutting down: cancelling builds");
+    daemon.builds.shutdown().await;
+    stdio.finish(Duration::from_secs(2)).await;
+    drop(daemon);
+    match executor.remove_state() {
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot remove the daemon's state dir"),
+    }
+    tracing::info!("tether serve stopped");
+    Ok(())
+}
+
+/// Takes fds 0 and 1 for the protocol and points them at /dev/null and stderr.
+fn take_stdio() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let stdin = std::io::stdin().as_fd().try_clone_to_owned()?;
+    let stdout = std::io::stdout().as_fd().try_clone_to_owned()?;
+    let null = std::fs::File::open("/dev/null")?;
+    nix::unistd::dup2_stdin(&null)?;
+    nix::unistd::dup2_stdout(std::io::stderr().as_fd())?;
+    Ok((stdin, stdout))
+}
+
+/// Orphans of builds re-parent to the daemon (as they would to PID 1), so the reaper
+/// collects them and a build's process group can be watched until it is empty.
+fn become_subreaper() {
+    if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
+        tracing::warn!(error = %e, "cannot become a child subreaper; orphans go to init");
+    }
+}

@@ -1,0 +1,111 @@
+//! One client session: the handshake, then one handler per request (as pueue does).
+//!
+//! A session begins with the client's preamble and ends at EOF, on a new preamble on
+//! the same stream (takeover), or when the connection fails. Ending a session never
+//! touches builds: they outlive their clients.
+
+use std::sync::Arc;
+
+use tether_protocol::{
+    self as wire, check_hello, BuildId, ClientMessage, DaemonMessage, ErrorKind, ErrorReport, Hello, RequestId,
+};
+
+use super::outbox::Outbox;
+use super::Daemon;
+
+pub struct Session {
+    pub id: u64,
+    daemon: Arc<Daemon>,
+    out: Outbox,
+    greeted: bool,
+}
+
+impl Session {
+    pub fn new(id: u64, daemon: Arc<Daemon>, out: Outbox) -> Session {
+        Session {
+            id,
+            daemon,
+            out,
+            greeted: false,
+        }
+    }
+
+    /// Reports an error to the client.
+    pub async fn error(&self, req: Option<RequestId>, build: Option<BuildId>, kind: ErrorKind, message: String) {
+        self.out
+            .control(DaemonMessage::Error(ErrorReport {
+                req,
+                build,
+                kind,
+                message,
+            }))
+            .await;
+    }
+
+    /// Handles one message.
+    pub async fn handle(&mut self, msg: ClientMessage) {
+        if !self.greeted && !matches!(msg, ClientMessage::Hello(_) | ClientMessage::Ping { .. }) {
+            let message = "a message arrived before Hello; start the session with a preamble and Hello".to_owned();
+            self.error(None, None, ErrorKind::NoSession, message).await;
+            return;
+        }
+        match msg {
+            ClientMessage::Hello(hello) => self.on_hello(hello).await,
+            ClientMessage::Ping { nonce } => {
+                self.out.control(DaemonMessage::Pong { nonce }).await;
+            }
+            ClientMessage::Pong { .. } => {}
+            ClientMessage::Run { req, spec } => self.on_run(req, spec).await,
+            ClientMessage::Stdin { build, data } => {
+                if let Err(e) = self.daemon.builds.stdin(&build, data.into_vec()) {
+                    self.out.control(DaemonMessage::Error(e)).await;
+                }
+            }
+            ClientMessage::CloseStdin { build } => {
+                if let Err(e) = self.daemon.builds.close_stdin(&build) {
+                    self.out.control(DaemonMessage::Error(e)).await;
+                }
+            }
+            ClientMessage::Cancel { req, build, force } => {
+                if self.daemon.builds.cancel(&build, force) {
+                    self.out.control(DaemonMessage::Ack { req }).await;
+                } else {
+                    let message = format!("no running build {build}");
+                    self.error(Some(req), Some(build), ErrorKind::UnknownBuild, message)
+                        .await;
+                }
+            }
+        }
+    }
+
+    async fn on_hello(&mut self, hello: Hello) {
+        if let Err(mismatch) = check_hello(&hello, &self.daemon.version) {
+            tracing::warn!(session = self.id, %mismatch, "refusing client");
+            self.error(None, None, ErrorKind::VersionMismatch, mismatch.to_string())
+                .await;
+            return;
+        }
+        tracing::debug!(session = self.id, client = %hello.client_version, "session opened");
+        self.greeted = true;
+        let welcome = wire::Welcome {
+            protocol: wire::PROTOCOL_VERSION,
+            daemon_version: self.daemon.version.clone(),
+            capabilities: Vec::new(),
+            limits: self.daemon.limits,
+            builds: self.daemon.builds.summaries(),
+        };
+        self.out.control(DaemonMessage::Welcome(welcome)).await;
+    }
+
+    async fn on_run(&mut self, req: RequestId, spec: wire::RunSpec) {
+        match self.daemon.builds.start(req, &spec, self.out.clone()) {
+            Ok(started) => {
+                self.out.control(DaemonMessage::Started(started)).await;
+            }
+            Err(e) => {
+                tracing::info!(session = self.id, error = %e.message, "build not started");
+                self.out.control(DaemonMessage::Error(e)).await;
+            }
+        }
+    }
+}

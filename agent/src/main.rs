@@ -1,0 +1,79 @@
+//! `tether`: the daemon (`tether serve`) and its client commands in one static binary.
+
+mod cli;
+mod client;
+mod daemon;
+mod logging;
+mod wire;
+
+use clap::Parser;
+
+use cli::{Cli, Command, LogFormat};
+
+fn main() {
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Run(args) => {
+            let level = match args.connect.verbose {
+                0 => "warn",
+                1 => "info",
+                _ => "debug",
+            };
+            logging::init(level, LogFormat::Text);
+            client_main(client::run::run(args))
+        }
+    };
+    std::process::exit(code);
+}
+
+fn serve(args: cli::ServeArgs) -> i32 {
+    logging::init(args.log.log_level.as_deref().unwrap_or("info"), args.log.log_format);
+    if args.socket.is_some() {
+        eprintln!("tether: --socket is not yet supported");
+        return 2;
+    }
+    let opts = daemon::ServeOptions {
+        state_dir: args.state_dir,
+        exit_on_eof: args.exit_on_eof,
+        grace: args.grace,
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tether: cannot start the runtime: {e}");
+            return 1;
+        }
+    };
+    match runtime.block_on(daemon::serve(opts)) {
+        Ok(()) => 0,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("tether: {e:#}");
+            1
+        }
+    }
+}
+
+/// Runs a client command; any error is tether's own failure (exit 125) with a one-line
+/// reason on stderr.
+fn client_main(fut: impl std::future::Future<Output = anyhow::Result<i32>>) -> i32 {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tether: cannot start the runtime: {e}");
+            return client::exit::TETHER_FAILED;
+        }
+    };
+    match runtime.block_on(fut) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("tether: {e:#}");
+            client::exit::TETHER_FAILED
+        }
+    }
+}

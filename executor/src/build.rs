@@ -1,0 +1,586 @@
+//! One build's lifecycle: spawn in a new session, stream output, stop, drain, clean up.
+//!
+//! The supervisor task owns the build from spawn to its [`BuildOutcome`]:
+//!
+//! 1. The main process runs; the supervisor waits for its status (from the reaper), the
+//!    timeout, or a cancel. Cancel and timeout send SIGTERM to the whole process group
+//!    and SIGKILL after the grace period (at once for a forced cancel).
+//! 2. After the main process exits, output is drained until both pipes reach EOF or
+//!    [`DRAIN_WAIT`] passes (a background grandchild may hold them open).
+//! 3. Processes still in the group are leftovers of the build: they get SIGTERM, then
+//!    SIGKILL after the grace period. No process of the build survives it.
+//! 4. The pipes are read until EOF, or until they stay silent for [`DRAIN_WAIT`] (a
+//!    process that escaped the group may hold them forever).
+//! 5. The private directory is removed, then [`BuildEvent::Finished`] is sent: the last
+//!    event, after every output chunk.
+
+use std::ffi::OsString;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Component, Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::pipe;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::{sleep, sleep_until};
+
+use crate::reaper::{ChildStatus, Reaper};
+use crate::statedir::BuildDir;
+use crate::status::{BuildOutcome, EndCause};
+
+/// How long silent pipes are waited for once the main process has exited.
+pub const DRAIN_WAIT: Duration = Duration::from_millis(100);
+
+/// Events buffered between the pipe readers and the consumer. When the consumer falls
+/// behind, the readers stop reading and the build blocks on its full pipe.
+const EVENT_QUEUE: usize = 16;
+
+/// What to run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommandSpec {
+    /// Executed directly, `argv[0]` looked up in the build's PATH.
+    Argv(Vec<OsString>),
+    /// Run as `SHELL -c SCRIPT`; `shell: None` finds one ([`crate::shell::find_shell`]).
+    Script { script: OsString, shell: Option<PathBuf> },
+}
+
+/// Everything the executor needs to start a build.
+#[derive(Debug, Clone)]
+pub struct BuildSpec {
+    /// Used in the build's id and directory name (sanitized); defaults to "build".
+    pub name: Option<String>,
+    pub command: CommandSpec,
+    /// Set on top of the executor's base environment.
+    pub env: Vec<(OsString, OsString)>,
+    /// A relative directory inside the work dir to run in (created if missing).
+    pub workdir: Option<PathBuf>,
+    pub timeout: Option<Duration>,
+    /// Between SIGTERM and SIGKILL; `None` for the executor's default.
+    pub grace: Option<Duration>,
+    /// Give the build a stdin pipe ([`Build::stdin`]) instead of /dev/null.
+    pub stdin: bool,
+}
+
+/// Which output stream a chunk belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// A block of output; `offset` is the position of its first byte in its stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputChunk {
+    pub stream: Stream,
+    pub offset: u64,
+    pub data: Vec<u8>,
+}
+
+/// What a build reports, in order: output chunks, then exactly one `Finished`.
+#[derive(Debug, Clone)]
+pub enum BuildEvent {
+    Output(OutputChunk),
+    Finished(BuildOutcome),
+}
+
+/// Why a build could not start. Nothing is left behind when this is returned.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("command not found: {program}")]
+    NotFound { program: String },
+    #[error("cannot execute {program}: {source}")]
+    NotExecutable { program: String, source: io::Error },
+    #[error("no shell found (tried sh on PATH, {})", crate::shell::FALLBACK_SHELLS.join(", "))]
+    NoShell,
+    #[error("empty command")]
+    EmptyCommand,
+    #[error("bad workdir {path:?}: {reason}")]
+    BadWorkdir { path: PathBuf, reason: String },
+    #[error("cannot create the build directory: {0}")]
+    BuildDir(String),
+    #[error("cannot start the build: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Stops a build. Cheap to clone; outlives the build harmlessly.
+#[derive(Clone, Debug)]
+pub struct BuildControl {
+    tx: mpsc::UnboundedSender<bool>,
+}
+
+impl BuildControl {
+    /// SIGTERM to the group, SIGKILL after the grace period; `force`: SIGKILL now.
+    pub fn cancel(&self, force: bool) {
+        // A send error means the build already finished.
+        let _ = self.tx.send(force);
+    }
+}
+
+/// The write end of a build's stdin. Dropping it closes the build's stdin.
+#[derive(Debug)]
+pub struct BuildStdin {
+    pipe: pipe::Sender,
+}
+
+impl BuildStdin {
+    /// Writes all of `data`; fails with `BrokenPipe` once the build closed its stdin.
+    pub async fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+        self.pipe.write_all(data).await
+    }
+}
+
+/// A running build.
+#[derive(Debug)]
+pub struct Build {
+    pub id: String,
+    pub pid: u32,
+    /// The shell running the script, for script commands.
+    pub shell: Option<PathBuf>,
+    /// The build's private work dir (its cwd is this or `workdir` inside it).
+    pub work_dir: PathBuf,
+    pub stdin: Option<BuildStdin>,
+    pub events: mpsc::Receiver<BuildEvent>,
+    pub control: BuildControl,
+}
+
+/// What the executor hands [`spawn`] beyond the spec.
+pub(crate) struct Launch<'a> {
+    pub reaper: &'a Reaper,
+    pub dir: BuildDir,
+    pub id: String,
+    pub base_env: &'a [(OsString, OsString)],
+    pub fallback_shells: &'a [PathBuf],
+    pub default_grace: Duration,
+    pub chunk_size: usize,
+}
+
+/// Starts the build; on error the directory is removed again.
+pub(crate) fn spawn(spec: BuildSpec, launch: Launch<'_>) -> Result<Build, StartError> {
+    let result = prepare_and_spawn(&spec, &launch);
+    match result {
+        Ok(ready) => Ok(supervise(spec, launch, ready)),
+        Err(e) => {
+            if let Err(ce) = launch.dir.remove() {
+                tracing::warn!(error = %ce, "cannot remove the directory of a build that failed to start");
+            }
+            Err(e)
+        }
+    }
+}
+
+struct Spawned {
+    pid: u32,
+    shell: Option<PathBuf>,
+    cwd: PathBuf,
+    status: oneshot::Receiver<ChildStatus>,
+    stdin: Option<OwnedFd>,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+    started: Instant,
+}
+
+fn prepare_and_spawn(spec: &BuildSpec, launch: &Launch<'_>) -> Result<Spawned, StartError> {
+    let cwd = resolve_workdir(&launch.dir.work, spec.workdir.as_deref())?;
+
+    // The environment: the executor's base, the spec's, then tether's own (which win:
+    // the private tmp dir is the point).
+    let mut env: Vec<(OsString, OsString)> = launch.base_env.to_vec();
+    let tmp = launch.dir.tmp.clone().into_os_string();
+    let own = [
+        ("TETHER_BUILD_ID", OsString::from(&launch.id)),
+        ("TMPDIR", tmp.clone()),
+        ("TMP", tmp.clone()),
+        ("TEMP", tmp),
+    ];
+    for (k, v) in spec
+        .env
+        .iter()
+        .cloned()
+        .chain(own.into_iter().map(|(k, v)| (OsString::from(k), v)))
+    {
+        env.retain(|(ek, _)| *ek != k);
+        env.push((k, v));
+    }
+    let path_var = env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.clone());
+
+    let (program, args, shell): (OsString, Vec<OsString>, Option<PathBuf>) = match &spec.command {
+        CommandSpec::Argv(argv) => {
+            let (first, rest) = argv.split_first().ok_or(StartError::EmptyCommand)?;
+            if first.is_empty() {
+                return Err(StartError::EmptyCommand);
+            }
+            (first.clone(), rest.to_vec(), None)
+        }
+        CommandSpec::Script { script, shell } => {
+            let shell = match shell {
+                Some(s) => s.clone(),
+                None => {
+                    let fallbacks: Vec<&Path> = launch.fallback_shells.iter().map(|p| p.as_path()).collect();
+                    crate::shell::find_shell(path_var.as_deref(), &fallbacks).ok_or(StartError::NoShell)?
+                }
+            };
+            (
+                shell.clone().into_os_string(),
+                vec!["-c".into(), script.clone()],
+                Some(shell),
+            )
+        }
+    };
+
+    let mut cmd = Command::new(&program);
+    cmd.args(&args)
+        .env_clear()
+        .envs(env)
+        .current_dir(&cwd)
+        .stdin(if spec.stdin { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid().map_err(io::Error::from)?;
+            Ok(())
+        });
+    }
+    let started = Instant::now();
+    let (mut child, status) = launch.reaper.spawn(&mut cmd).map_err(|e| {
+        let program = program.to_string_lossy().into_owned();
+        match e.kind() {
+            io::ErrorKind::NotFound => StartError::NotFound { program },
+            io::ErrorKind::PermissionDenied => StartError::NotExecutable { program, source: e },
+            _ if matches!(
+                e.raw_os_error(),
+                Some(libc::ENOEXEC) | Some(libc::EISDIR) | Some(libc::ENOTDIR)
+            ) =>
+            {
+                StartError::NotExecutable { program, source: e }
+            }
+            _ => StartError::Io(e),
+        }
+    })?;
+    let pid = child.id();
+    let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+        // Unreachable with piped stdio; fail safely rather than panic.
+        let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        return Err(StartError::Io(io::Error::other("child pipes missing")));
+    };
+    let stdin = child.stdin.take().map(OwnedFd::from);
+    // `child` is dropped without waiting: the reaper owns the wait.
+    Ok(Spawned {
+        pid,
+        shell,
+        cwd,
+        status,
+        stdin,
+        stdout: stdout.into(),
+        stderr: stderr.into(),
+        started,
+    })
+}
+
+/// Resolves the build's cwd: `work` itself, or a relative directory inside it, created
+/// if missing, that must not leave `work` (lexically or through symlinks).
+fn resolve_workdir(work: &Path, rel: Option<&Path>) -> Result<PathBuf, StartError> {
+    let Some(rel) = rel else {
+        return Ok(work.to_path_buf());
+    };
+    let bad = |reason: &str| StartError::BadWorkdir {
+        path: rel.to_path_buf(),
+        reason: reason.into(),
+    };
+    for c in rel.components() {
+        match c {
+            Component::Normal(_) | Component::CurDir => {}
+            Component::ParentDir => return Err(bad("must not contain '..'")),
+            Component::RootDir | Component::Prefix(_) => return Err(bad("must be relative to the build's work dir")),
+        }
+    }
+    let dir = work.join(rel);
+    std::fs::create_dir_all(&dir).map_err(|e| bad(&e.to_string()))?;
+    let real = dir.canonicalize().map_err(|e| bad(&e.to_string()))?;
+    let real_work = work.canonicalize().map_err(|e| bad(&e.to_string()))?;
+    if !real.starts_with(&real_work) {
+        return Err(bad("resolves outside the build's work dir"));
+    }
+    Ok(real)
+}
+
+fn supervise(spec: BuildSpec, launch: Launch<'_>, s: Spawned) -> Build {
+    let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
+    let (control_tx, control_rx) = mpsc::unbounded_channel();
+    let (finishing_tx, finishing_rx) = watch::channel(false);
+
+    let stdin = s.stdin.and_then(|fd| match pipe::Sender::from_owned_fd(fd) {
+        Ok(pipe) => Some(BuildStdin { pipe }),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot set up the build's stdin pipe");
+            None
+        }
+    });
+    let readers = [(Stream::Stdout, s.stdout), (Stream::Stderr, s.stderr)].map(|(stream, fd)| {
+        let tx = events_tx.clone();
+        let finishing = finishing_rx.clone();
+        let chunk = launch.chunk_size;
+        tokio::spawn(async move {
+            match pipe::Receiver::from_owned_fd(fd) {
+                Ok(rx) => read_stream(stream, rx, tx, finishing, chunk).await,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the build's output pipe");
+                    0
+                }
+            }
+        })
+    });
+
+    let build = Build {
+        id: launch.id.clone(),
+        pid: s.pid,
+        shell: s.shell,
+        work_dir: s.cwd,
+        stdin,
+        events: events_rx,
+        control: BuildControl { tx: control_tx },
+    };
+    let ctx = Supervisor {
+        pgid: Pid::from_raw(s.pid as i32),
+        grace: spec.grace.unwrap_or(launch.default_grace),
+        timeout: spec.timeout,
+        reaper: launch.reaper.clone(),
+        dir: launch.dir,
+        id: launch.id,
+        started: s.started,
+    };
+    tokio::spawn(ctx.run(s.status, control_rx, finishing_tx, readers, events_tx));
+    build
+}
+
+struct Supervisor {
+    pgid: Pid,
+    grace: Duration,
+    timeout: Option<Duration>,
+    reaper: Reaper,
+    dir: BuildDir,
+    id: String,
+    started: Instant,
+}
+
+impl Supervisor {
+    async fn run(
+        self,
+        mut status_rx: oneshot::Receiver<ChildStatus>,
+        mut control: mpsc::UnboundedReceiver<bool>,
+        finishing: watch::Sender<bool>,
+        readers: [tokio::task::JoinHandle<u64>; 2],
+        events: mpsc::Sender<BuildEvent>,
+    ) {
+        let timeout_at = self.timeout.map(|t| tokio::time::Instant::from_std(self.started) + t);
+        let mut cause = EndCause::Completed;
+        let mut kill_at: Option<tokio::time::Instant> = None;
+        let mut control_open = true;
+
+        // 1. Until the main process exits.
+        let status = loop {
+            tokio::select! {
+                st = &mut status_rx => break st.ok(),
+                _ = sleep_until_opt(timeout_at), if kill_at.is_none() && cause == EndCause::Completed => {
+                    cause = EndCause::TimedOut;
+                    kill_at = Some(self.terminate(false));
+                }
+                msg = control.recv(), if control_open => match msg {
+                    Some(force) => {
+                        if cause == EndCause::Completed {
+                            cause = EndCause::Cancelled;
+                        }
+                        if force || kill_at.is_none() {
+                            kill_at = Some(self.terminate(force));
+                        }
+                    }
+                    None => control_open = false,
+                },
+                _ = sleep_until_opt(kill_at) => {
+                    self.signal_group(Signal::SIGKILL);
+                    kill_at = Some(far_future());
+                }
+            }
+        };
+        if status.is_none() {
+            tracing::error!(build = %self.id, "the reaper went away before the build's status arrived");
+        }
+
+        // 2. Give the pipes a moment to reach EOF on their own.
+        let [out_reader, err_reader] = readers;
+        let both = async {
+            let (a, b) = tokio::join!(out_reader, err_reader);
+            (a.unwrap_or(0), b.unwrap_or(0))
+        };
+        tokio::pin!(both);
+        let mut counts = tokio::select! {
+            c = &mut both => Some(c),
+            _ = sleep(DRAIN_WAIT) => None,
+        };
+
+        // 3. Whatever is left of the group is ended.
+        let leftovers_killed = self.end_leftovers(kill_at, &mut control).await;
+
+        // 4. Drain the rest; readers now stop after DRAIN_WAIT of silence.
+        let _ = finishing.send(true);
+        let (stdout_bytes, stderr_bytes) = match counts.take() {
+            Some(c) => c,
+            None => both.await,
+        };
+
+        // 5. Remove the directory, then report.
+        let dir = self.dir;
+        let cleanup_error = match tokio::task::spawn_blocking(move || dir.remove()).await {
+            Ok(Ok(report)) if report.skipped_mounts.is_empty() => None,
+            Ok(Ok(report)) => Some(format!("mount points left in place: {:?}", report.skipped_mounts)),
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(e) => Some(format!("cleanup task failed: {e}")),
+        };
+        if let Some(e) = &cleanup_error {
+            tracing::warn!(build = %self.id, error = %e, "build directory not fully removed");
+        }
+        let outcome = BuildOutcome {
+            status,
+            cause,
+            duration: self.started.elapsed(),
+            stdout_bytes,
+            stderr_bytes,
+            leftovers_killed,
+            cleanup_error,
+        };
+        // The consumer may be gone; the build is over either way.
+        let _ = events.send(BuildEvent::Finished(outcome)).await;
+    }
+
+    /// SIGTERM (or SIGKILL when forced) to the group; returns when SIGKILL is due.
+    fn terminate(&self, force: bool) -> tokio::time::Instant {
+        if force {
+            self.signal_group(Signal::SIGKILL);
+            far_future()
+        } else {
+            self.signal_group(Signal::SIGTERM);
+            tokio::time::Instant::now() + self.grace
+        }
+    }
+
+    fn signal_group(&self, sig: Signal) -> bool {
+        match killpg(self.pgid, sig) {
+            Ok(()) => true,
+            Err(Errno::ESRCH) => false,
+            Err(e) => {
+                tracing::warn!(build = %self.id, error = %e, signal = ?sig, "cannot signal the build's process group");
+                false
+            }
+        }
+    }
+
+    /// Ends the processes still in the group after the main process exited: SIGTERM,
+    /// SIGKILL when `kill_at` (or the grace period) passes. Returns whether any existed.
+    async fn end_leftovers(
+        &self,
+        kill_at: Option<tokio::time::Instant>,
+        control: &mut mpsc::UnboundedReceiver<bool>,
+    ) -> bool {
+        if !self.group_alive() {
+            return false;
+        }
+        let mut kill_at = kill_at.unwrap_or_else(|| self.terminate(false));
+        // A group member that was SIGTERMed before is signalled again: it may be a new one.
+        self.signal_group(Signal::SIGTERM);
+        let mut reaped = self.reaper.reaped();
+        let mut killed = false;
+        while self.group_alive() {
+            tokio::select! {
+                _ = reaped.changed() => {}
+                // Processes re-parented to another reaper do not show up in `reaped`.
+                _ = sleep(Duration::from_millis(20)) => {}
+                Some(true) = control.recv() => kill_at = tokio::time::Instant::now(),
+                _ = sleep_until(kill_at), if !killed => {
+                    self.signal_group(Signal::SIGKILL);
+                    killed = true;
+                }
+            }
+            if killed && tokio::time::Instant::now() > kill_at + Duration::from_secs(5) {
+                tracing::error!(build = %self.id, "processes of the build survive SIGKILL");
+                break;
+            }
+        }
+        true
+    }
+
+    fn group_alive(&self) -> bool {
+        // Signal 0 checks existence; zombies count until reaped.
+        matches!(killpg(self.pgid, None), Ok(()) | Err(Errno::EPERM))
+    }
+}
+
+async fn read_stream(
+    stream: Stream,
+    mut rx: pipe::Receiver,
+    tx: mpsc::Sender<BuildEvent>,
+    mut finishing: watch::Receiver<bool>,
+    chunk: usize,
+) -> u64 {
+    let mut offset = 0u64;
+    let mut buf = Vec::with_capacity(chunk);
+    loop {
+        buf.clear();
+        let read = if *finishing.borrow() {
+            match tokio::time::timeout(DRAIN_WAIT, rx.read_buf(&mut buf)).await {
+                Ok(r) => r,
+                Err(_) => break,
+            }
+        } else {
+            tokio::select! {
+                r = rx.read_buf(&mut buf) => r,
+                changed = finishing.changed() => {
+                    if changed.is_err() {
+                        break; // the supervisor is gone: nobody will drain the rest
+                    }
+                    continue;
+                }
+            }
+        };
+        let n = match read {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, ?stream, "reading build output failed");
+                break;
+            }
+        };
+        // Large reads hand over the buffer; small ones are copied so that a queue of
+        // short lines does not pin a full chunk each.
+        let data = if n >= chunk / 2 {
+            std::mem::replace(&mut buf, Vec::with_capacity(chunk))
+        } else {
+            buf[..n].to_vec()
+        };
+        let ev = BuildEvent::Output(OutputChunk { stream, offset, data });
+        offset += n as u64;
+        if tx.send(ev).await.is_err() {
+            // Nobody listens any more: keep draining so the build never blocks.
+            continue;
+        }
+    }
+    offset
+}
+
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(86400 * 365)
+}

@@ -1,0 +1,122 @@
+//! The executor: the state dir, the reaper, and the factory of builds.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::build::{self, Build, BuildSpec, Launch, StartError};
+use crate::reaper::Reaper;
+use crate::statedir::{StateDir, StateDirError, SweepReport};
+
+/// How the executor runs builds.
+#[derive(Debug, Clone)]
+pub struct ExecutorConfig {
+    /// Where build dirs live (see [`crate::statedir`]).
+    pub state_root: PathBuf,
+    /// Grace period between SIGTERM and SIGKILL when a spec names none.
+    pub default_grace: Duration,
+    /// Largest output chunk read at once.
+    pub chunk_size: usize,
+    /// Every build's environment starts from this.
+    pub base_env: Vec<(OsString, OsString)>,
+    /// Shells tried for scripts when PATH has no `sh`.
+    pub fallback_shells: Vec<PathBuf>,
+}
+
+impl ExecutorConfig {
+    /// Defaults: the default state root, 10 s grace, 64 KiB chunks, the current
+    /// environment, `/bin/sh` then `/busybox/sh`.
+    pub fn new() -> Self {
+        ExecutorConfig {
+            state_root: crate::statedir::default_root(),
+            default_grace: Duration::from_secs(10),
+            chunk_size: 64 * 1024,
+            base_env: std::env::vars_os().collect(),
+            fallback_shells: crate::shell::FALLBACK_SHELLS.iter().map(PathBuf::from).collect(),
+        }
+    }
+}
+
+impl Default for ExecutorConfig {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The executor could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecutorError {
+    #[error(transparent)]
+    StateDir(#[from] StateDirError),
+    #[error("cannot install the SIGCHLD handler: {0}")]
+    Reaper(std::io::Error),
+}
+
+/// Starts builds. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Executor {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: ExecutorConfig,
+    reaper: Reaper,
+    state: StateDir,
+}
+
+impl Executor {
+    /// Opens the state dir (sweeping what dead daemons left) and starts the reaper.
+    /// Must run inside a tokio runtime. From here on this process must not wait for
+    /// children by any other means.
+    pub fn new(config: ExecutorConfig) -> Result<(Executor, SweepReport), ExecutorError> {
+        let reaper = Reaper::start().map_err(ExecutorError::Reaper)?;
+        let (state, swept) = StateDir::open(&config.state_root)?;
+        let inner = Inner { config, reaper, state };
+        Ok((Executor { inner: Arc::new(inner) }, swept))
+    }
+
+    /// Starts a build in a fresh private directory.
+    pub fn start(&self, spec: BuildSpec) -> Result<Build, StartError> {
+        let inner = &*self.inner;
+        let name = spec.name.as_deref().unwrap_or("build");
+        let dir = inner
+            .state
+            .create_build_dir(name)
+            .map_err(|e| StartError::BuildDir(e.to_string()))?;
+        let id = dir
+            .root
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| name.to_owned());
+        build::spawn(
+            spec,
+            Launch {
+                reaper: &inner.reaper,
+                dir,
+                id,
+                base_env: &inner.config.base_env,
+                fallback_shells: &inner.config.fallback_shells,
+                default_grace: inner.config.default_grace,
+                chunk_size: inner.config.chunk_size,
+            },
+        )
+    }
+
+    /// The state dir this executor owns.
+    pub fn state(&self) -> &StateDir {
+        &self.inner.state
+    }
+
+    /// Removes this executor's state (its instance dir), at shutdown once every build
+    /// finished. Builds started afterwards fail.
+    pub fn remove_state(&self) -> Result<crate::cleanup::RemoveReport, StateDirError> {
+        self.inner.state.remove_in_place()
+    }
+
+    /// The reaper (for callers that must know when processes die).
+    pub fn reaper(&self) -> &Reaper {
+        &self.inner.reaper
+    }
+}

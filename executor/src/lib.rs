@@ -1,0 +1,23 @@
+//! The build executor: everything about running one build, nothing about the wire.
+//!
+//! A build is a command run in its own private directory (work dir + tmp dir, mode
+//! 0700, never shared), in its own session and process group, with stdin from /dev/null
+//! or a pipe, stdout and stderr through pipes, streamed out as [`BuildEvent`]s in order,
+//! and ended by a [`BuildOutcome`] after the output is drained, every process of the
+//! group is gone and the directory is removed.
+//!
+//! One [`reaper::Reaper`] does all waiting for children (see its module doc): nothing
+//! else in a process that uses this crate may wait for children.
+
+pub mod build;
+pub mod cleanup;
+mod executor;
+pub mod reaper;
+pub mod shell;
+pub mod statedir;
+pub mod status;
+
+pub use build::{Build, BuildControl, BuildEvent, BuildSpec, BuildStdin, CommandSpec, OutputChunk, StartError, Stream};
+pub use executor::{Executor, ExecutorConfig, ExecutorError};
+pub use reaper::ChildStatus;
+pub use status::{BuildOutcome, EndCause};

@@ -1,0 +1,127 @@
+//! The single owner of every `wait` in the daemon.
+//!
+//! tether runs as PID 1 (or as a child subreaper), so orphans of every build are
+//! re-parented to it and must be reaped, or the container fills with zombies. Reaping
+//! orphans means `waitpid(-1)`, and a `waitpid(-1)` next to anyone else's per-pid wait
+//! (tokio's `Child::wait`, std's `Child::wait`) steals statuses from them. So one
+//! component does all waiting: on every SIGCHLD it reaps every exited child and hands each
+//! status to whoever registered that pid; statuses of unregistered pids (orphans) are
+//! dropped. Nothing else in the process may wait for a child.
+//!
+//! Spawning goes through [`Reaper::spawn`], which holds the waiters' lock across the
+//! fork: the reaper cannot reap (and so cannot lose) a child before its waiter is
+//! registered, and std's own wait for a child whose `exec` failed never races it.
+
+use std::collections::HashMap;
+use std::io;
+use std::process::{Child, Command};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use nix::errno::Errno;
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{oneshot, watch};
+
+/// How a child ended, exactly as `wait` reported it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChildStatus {
+    Exited(i32),
+    Signaled { signal: i32, core_dumped: bool },
+}
+
+type Waiters = HashMap<i32, oneshot::Sender<ChildStatus>>;
+
+/// Handle to the reaper task; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Reaper {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    waiters: Mutex<Waiters>,
+    /// Counts every reaped process; waiters for "some process died" watch it.
+    reaped: watch::Sender<u64>,
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, Waiters> {
+        // A panic while holding the lock cannot leave the map inconsistent.
+        self.waiters.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Reaper {
+    /// Installs the SIGCHLD handler and starts reaping. Must run inside a tokio runtime.
+    pub fn start() -> io::Result<Reaper> {
+        let mut sigchld = signal(SignalKind::child())?;
+        let (reaped, _) = watch::channel(0);
+        let inner = Arc::new(Inner {
+            waiters: Mutex::new(HashMap::new()),
+            reaped,
+        });
+        let task_inner = Arc::clone(&inner);
+        tokio::spawn(async move {
+            loop {
+                // Children that exited before the handler was installed are reaped on
+                // the first pass.
+                reap_all(&task_inner);
+                if sigchld.recv().await.is_none() {
+                    break;
+                }
+            }
+        });
+        Ok(Reaper { inner })
+    }
+
+    /// Spawns `cmd` and registers its pid; the receiver yields its status.
+    pub fn spawn(&self, cmd: &mut Command) -> io::Result<(Child, oneshot::Receiver<ChildStatus>)> {
+        let mut waiters = self.inner.lock();
+        let child = cmd.spawn()?;
+        let (tx, rx) = oneshot::channel();
+        waiters.insert(child.id() as i32, tx);
+        Ok((child, rx))
+    }
+
+    /// A receiver that changes whenever any process was reaped.
+    pub fn reaped(&self) -> watch::Receiver<u64> {
+        self.inner.reaped.subscribe()
+    }
+}
+
+fn reap_all(inner: &Inner) {
+    let mut waiters = inner.lock();
+    let mut count = 0u64;
+    loop {
+        let (pid, status) = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) => (pid, ChildStatus::Exited(code)),
+            Ok(WaitStatus::Signaled(pid, sig, core_dumped)) => (
+                pid,
+                ChildStatus::Signaled {
+                    signal: sig as i32,
+                    core_dumped,
+                },
+            ),
+            Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => break,
+            // Stopped/continued are not requested; nothing to do for them.
+            Ok(_) | Err(Errno::EINTR) => continue,
+            Err(e) => {
+                tracing::error!(error = %e, "waitpid failed");
+                break;
+            }
+        };
+        count += 1;
+        match waiters.remove(&pid.as_raw()) {
+            Some(tx) => {
+                // The waiter may have given up (build dropped); nothing to do then.
+                let _ = tx.send(status);
+            }
+            None => tracing::debug!(pid = pid.as_raw(), ?status, "reaped orphan"),
+        }
+    }
+    drop(waiters);
+    if count > 0 {
+        inner.reaped.send_modify(|n| *n += count);
+    }
+}

@@ -1,0 +1,239 @@
+//! The messages, one enum per direction.
+//!
+//! Encoding rules that keep old peers working (PROTOCOL.md gives the bytes):
+//! * a variant's index is its wire tag: new variants are only ever appended, and the
+//!   first three of each enum (the handshake and errors) never change shape;
+//! * byte strings that may not be UTF-8 (argv, environment, paths, output) are
+//!   `serde_bytes` buffers: a length and the raw bytes;
+//! * every build-related message names its build, every request carries a client-chosen
+//!   [`RequestId`] that the reply echoes, so one stream multiplexes many builds.
+
+use serde::{Deserialize, Serialize};
+
+/// Chosen by the client, unique among its outstanding requests; replies echo it.
+pub type RequestId = u64;
+
+/// A raw byte string (not necessarily UTF-8) with a compact wire form.
+pub type Bytes = serde_bytes::ByteBuf;
+
+/// Names a build for as long as the daemon knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct BuildId(pub String);
+
+impl std::fmt::Display for BuildId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Client to daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientMessage {
+    /// Tag 0. Opens a session, right after the preamble.
+    Hello(Hello),
+    /// Tag 1. Liveness probe; answered by [`DaemonMessage::Pong`] with the same nonce.
+    Ping { nonce: u64 },
+    /// Tag 2. Answer to a [`DaemonMessage::Ping`].
+    Pong { nonce: u64 },
+    /// Tag 3. Start a build; answered by [`DaemonMessage::Started`] or an error.
+    Run { req: RequestId, spec: RunSpec },
+    /// Tag 4. Bytes for a build's stdin (only for builds started with `stdin: true`).
+    /// At most [`crate::MAX_CHUNK`] bytes.
+    Stdin { build: BuildId, data: Bytes },
+    /// Tag 5. End of the build's stdin.
+    CloseStdin { build: BuildId },
+    /// Tag 6. Stop a build: SIGTERM to its process group, SIGKILL after its grace period,
+    /// or SIGKILL at once with `force`. Answered by [`DaemonMessage::Ack`].
+    Cancel {
+        req: RequestId,
+        build: BuildId,
+        force: bool,
+    },
+}
+
+/// Daemon to client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DaemonMessage {
+    /// Tag 0. Accepts a session.
+    Welcome(Welcome),
+    /// Tag 1. Something went wrong; `req`/`build` say what it concerns, when known.
+    Error(ErrorReport),
+    /// Tag 2. Liveness probe; answered by [`ClientMessage::Pong`].
+    Ping { nonce: u64 },
+    /// Tag 3. Answer to a [`ClientMessage::Ping`].
+    Pong { nonce: u64 },
+    /// Tag 4. A build's process is running.
+    Started(Started),
+    /// Tag 5. Build output; `offset` is the position of `data[0]` in that stream.
+    Output {
+        build: BuildId,
+        stream: OutputStream,
+        offset: u64,
+        data: Bytes,
+    },
+    /// Tag 6. The build is over: its processes are gone, its output fully sent before
+    /// this message, its directory removed.
+    Exited(Exited),
+    /// Tag 7. `consumed` stdin bytes of the build have been written to its pipe in total.
+    StdinAck { build: BuildId, consumed: u64 },
+    /// Tag 8. A request without a richer answer succeeded.
+    Ack { req: RequestId },
+}
+
+/// The client's opening message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// [`crate::PROTOCOL_VERSION`] of the client.
+    pub protocol: u32,
+    /// The client's program version, for messages and logs.
+    pub client_version: String,
+    /// Optional features the client understands (none defined yet).
+    pub capabilities: Vec<String>,
+}
+
+/// The daemon's answer to [`Hello`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    pub protocol: u32,
+    pub daemon_version: String,
+    pub capabilities: Vec<String>,
+    pub limits: Limits,
+    /// Builds the daemon is running right now, of any session.
+    pub builds: Vec<BuildSummary>,
+}
+
+/// Limits the daemon enforces on this session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Largest frame payload the daemon accepts.
+    pub max_payload: u32,
+    /// Largest data block in one message.
+    pub max_chunk: u32,
+    /// Stdin bytes a client may send ahead of [`DaemonMessage::StdinAck`].
+    pub stdin_window: u32,
+}
+
+/// One line of `Welcome::builds`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildSummary {
+    pub build: BuildId,
+    /// Human-readable command (argv joined, or the script's first line).
+    pub command: String,
+    pub pid: u32,
+    /// Milliseconds since the Unix epoch.
+    pub started_at_ms: u64,
+}
+
+/// What to run and how.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunSpec {
+    pub command: CommandSpec,
+    /// Added to (and overriding) the daemon's environment.
+    pub env: Vec<EnvVar>,
+    /// Directory inside the build's work dir to run in; must not escape it.
+    pub workdir: Option<Bytes>,
+    /// Cancel the build (cause: timeout) after this many milliseconds.
+    pub timeout_ms: Option<u64>,
+    /// Milliseconds between SIGTERM and SIGKILL on cancel and timeout; `None` for the
+    /// daemon's default.
+    pub grace_ms: Option<u64>,
+    /// Whether the client will send stdin; otherwise the build's stdin is /dev/null.
+    pub stdin: bool,
+    /// A name for the build, used in its id and directory name (sanitized).
+    pub name: Option<String>,
+}
+
+/// An argv run directly, or a script run by a shell.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CommandSpec {
+    /// Executed directly; `argv[0]` is looked up in the build's `PATH`.
+    Argv(Vec<Bytes>),
+    /// Run as `SHELL -c SCRIPT`; `shell: None` finds one (`sh` on PATH, `/bin/sh`,
+    /// `/busybox/sh`).
+    Script { script: Bytes, shell: Option<Bytes> },
+}
+
+/// One environment variable.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnvVar {
+    pub name: Bytes,
+    pub value: Bytes,
+}
+
+/// Reply to [`ClientMessage::Run`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Started {
+    pub req: RequestId,
+    pub build: BuildId,
+    pub pid: u32,
+    /// The shell that runs a script, when the command is one.
+    pub shell: Option<Bytes>,
+}
+
+/// Which output stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum OutputStream {
+    Stdout,
+    Stderr,
+}
+
+/// How a build ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Exited {
+    pub build: BuildId,
+    pub status: ExitStatus,
+    pub cause: EndCause,
+    /// Wall time from spawn to the end of cleanup.
+    pub duration_ms: u64,
+    /// Total bytes of stdout and stderr.
+    pub stdout_bytes: u64,
+    pub stderr_bytes: u64,
+}
+
+/// The main process's status, exactly as `wait` reported it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExitStatus {
+    Code(i32),
+    Signal { signal: i32, core_dumped: bool },
+}
+
+/// Why the build ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EndCause {
+    /// The main process exited on its own.
+    Completed,
+    /// A client cancelled it (or the daemon shut down).
+    Cancelled,
+    /// Its timeout expired.
+    TimedOut,
+}
+
+/// An error, with what it concerns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorReport {
+    pub req: Option<RequestId>,
+    pub build: Option<BuildId>,
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+/// Error classes a client acts on (exit codes, retries).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorKind {
+    /// Peers speak incompatible protocol versions; the message names both.
+    VersionMismatch,
+    /// The stream was damaged or a message could not be decoded; skipped and resynced.
+    Protocol,
+    /// The request is invalid (bad workdir, empty argv, ...).
+    BadRequest,
+    /// No build with that id.
+    UnknownBuild,
+    /// The command was not found (exit 127 convention).
+    CommandNotFound,
+    /// The command exists but cannot be executed (exit 126 convention).
+    NotExecutable,
+    /// The daemon could not do it (disk, fork, ...).
+    Internal,
+    /// A message that needs a session came before `Hello`.
+    NoSession,
+}
