@@ -49,7 +49,7 @@ impl Default for ExecutorConfig {
 pub enum ExecutorError {
     #[error(transparent)]
     StateDir(#[from] StateDirError),
-    #[error("cannot install the SIGCHLD handler: {0}")]
+    #[error("cannot start the reaper: {0}")]
     Reaper(std::io::Error),
 }
 
@@ -68,10 +68,9 @@ struct Inner {
 
 impl Executor {
     /// Opens the state dir (sweeping what dead daemons left) and starts the reaper.
-    /// Must run inside a tokio runtime. From here on this process must not wait for
-    /// children by any other means.
+    /// From here on this process must not wait for children by any other means.
     pub fn new(config: ExecutorConfig) -> Result<(Executor, SweepReport), ExecutorError> {
-        let reaper = Reaper::start().map_err(ExecutorError::Reaper)?;
+        let reaper = Reaper::global().map_err(ExecutorError::Reaper)?;
         let (state, swept) = StateDir::open(&config.state_root)?;
         let inner = Inner { config, reaper, state };
         Ok((Executor { inner: Arc::new(inner) }, swept))

@@ -17,7 +17,9 @@ pub mod shell;
 pub mod statedir;
 pub mod status;
 
-pub use build::{Build, BuildControl, BuildEvent, BuildSpec, BuildStdin, CommandSpec, OutputChunk, StartError, Stream};
+pub use build::{
+    enlarge_pipe, Build, BuildControl, BuildEvent, BuildSpec, BuildStdin, CommandSpec, OutputChunk, StartError, Stream,
+};
 pub use executor::{Executor, ExecutorConfig, ExecutorError};
 pub use reaper::ChildStatus;
 pub use status::{BuildOutcome, EndCause};

@@ -11,16 +11,22 @@
 //! Spawning goes through [`Reaper::spawn`], which holds the waiters' lock across the
 //! fork: the reaper cannot reap (and so cannot lose) a child before its waiter is
 //! registered, and std's own wait for a child whose `exec` failed never races it.
+//!
+//! The reaper is a dedicated thread, one per process ([`Reaper::global`]), so it does not
+//! depend on any async runtime staying alive. It sleeps in `waitid(P_ALL, WEXITED |
+//! WNOWAIT)`, which waits for a child to become waitable without reaping it, then reaps
+//! under the lock. With no children at all it waits on a condition variable that spawns
+//! signal (and a short timeout: as a subreaper, orphans can arrive without a spawn).
 
 use std::collections::HashMap;
 use std::io;
 use std::process::{Child, Command};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
 
 use nix::errno::Errno;
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::sys::wait::{waitid, waitpid, Id, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
-use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{oneshot, watch};
 
 /// How a child ended, exactly as `wait` reported it.
@@ -41,6 +47,8 @@ pub struct Reaper {
 #[derive(Debug)]
 struct Inner {
     waiters: Mutex<Waiters>,
+    /// Signalled when a child is spawned, for a reaper that had none.
+    spawned: Condvar,
     /// Counts every reaped process; waiters for "some process died" watch it.
     reaped: watch::Sender<u64>,
 }
@@ -52,27 +60,30 @@ impl Inner {
     }
 }
 
+static GLOBAL: OnceLock<Reaper> = OnceLock::new();
+
 impl Reaper {
-    /// Installs the SIGCHLD handler and starts reaping. Must run inside a tokio runtime.
-    pub fn start() -> io::Result<Reaper> {
-        let mut sigchld = signal(SignalKind::child())?;
+    /// The process's reaper, started on first use.
+    pub fn global() -> io::Result<Reaper> {
+        if let Some(r) = GLOBAL.get() {
+            return Ok(r.clone());
+        }
         let (reaped, _) = watch::channel(0);
         let inner = Arc::new(Inner {
             waiters: Mutex::new(HashMap::new()),
+            spawned: Condvar::new(),
             reaped,
         });
-        let task_inner = Arc::clone(&inner);
-        tokio::spawn(async move {
-            loop {
-                // Children that exited before the handler was installed are reaped on
-                // the first pass.
-                reap_all(&task_inner);
-                if sigchld.recv().await.is_none() {
-                    break;
-                }
-            }
-        });
-        Ok(Reaper { inner })
+        let candidate = Reaper { inner };
+        // Two racing first calls: only the winner's thread is started.
+        let reaper = GLOBAL.get_or_init(|| candidate.clone());
+        if Arc::ptr_eq(&reaper.inner, &candidate.inner) {
+            let inner = Arc::clone(&reaper.inner);
+            std::thread::Builder::new()
+                .name("reaper".into())
+                .spawn(move || reap_forever(&inner))?;
+        }
+        Ok(reaper.clone())
     }
 
     /// Spawns `cmd` and registers its pid; the receiver yields its status.
@@ -81,12 +92,31 @@ impl Reaper {
         let child = cmd.spawn()?;
         let (tx, rx) = oneshot::channel();
         waiters.insert(child.id() as i32, tx);
+        drop(waiters);
+        self.inner.spawned.notify_one();
         Ok((child, rx))
     }
 
     /// A receiver that changes whenever any process was reaped.
     pub fn reaped(&self) -> watch::Receiver<u64> {
         self.inner.reaped.subscribe()
+    }
+}
+
+fn reap_forever(inner: &Inner) {
+    loop {
+        match waitid(Id::All, WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT) {
+            Ok(_) => reap_all(inner),
+            Err(Errno::ECHILD) => {
+                let guard = inner.lock();
+                let _ = inner.spawned.wait_timeout(guard, Duration::from_millis(100));
+            }
+            Err(Errno::EINTR) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "waitid failed");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
     }
 }
 

@@ -48,6 +48,9 @@ const INBOUND_QUEUE: usize = 64;
 pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let (frames_in, frames_out) = take_stdio().context("cannot set up stdin/stdout")?;
     become_subreaper();
+    // When stdout is a pipe (runc, a spawning client), a larger one carries output with
+    // fewer wake-ups; on a tty or socket this is refused and harmless.
+    tether_executor::enlarge_pipe(&frames_out);
 
     let mut config = ExecutorConfig::new();
     if let Some(dir) = &opts.state_dir {

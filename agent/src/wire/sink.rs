@@ -1,28 +1,24 @@
 //! Where encoded frames (or a client's build output) go.
 //!
-//! A [`Sink`] is either an async writer (a child's stdin, a socket) or a dedicated thread
-//! doing blocking writes to a file descriptor (the daemon's stdout, the client's stdout
-//! and stderr). The thread is used for fds tether shares with other processes: making
-//! them non-blocking would change them for everyone holding them.
+//! A [`Sink`] is a dedicated thread doing blocking writes to a file descriptor (the
+//! daemon's stdout, the client's stdout and stderr). A thread, because these fds may be
+//! shared with other processes (a terminal, a file): making them non-blocking would
+//! change them for everyone holding them.
 
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::OwnedFd;
 use std::thread::JoinHandle;
 
-use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 /// Buffers in flight to a thread sink before `write` waits.
 const THREAD_QUEUE: usize = 4;
 
 /// A destination for byte buffers.
-pub enum Sink {
-    Async(Box<dyn AsyncWrite + Unpin + Send>),
-    Thread {
-        tx: mpsc::Sender<Vec<u8>>,
-        thread: JoinHandle<std::io::Result<()>>,
-    },
+pub struct Sink {
+    tx: mpsc::Sender<Vec<u8>>,
+    thread: JoinHandle<std::io::Result<()>>,
 }
 
 impl Sink {
@@ -36,34 +32,24 @@ impl Sink {
             }
             Ok(())
         })?;
-        Ok(Sink::Thread { tx, thread })
+        Ok(Sink { tx, thread })
     }
 
     /// Writes all of `buf`. An error means the destination is gone for good.
     pub async fn write(&mut self, buf: Vec<u8>) -> std::io::Result<()> {
-        match self {
-            Sink::Async(w) => {
-                w.write_all(&buf).await?;
-                w.flush().await
-            }
-            Sink::Thread { tx, .. } => tx
-                .send(buf)
-                .await
-                .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "writer thread ended")),
-        }
+        self.tx
+            .send(buf)
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "writer thread ended"))
     }
 
-    /// Flushes and closes; for a thread sink, waits until everything was written.
+    /// Closes the sink and waits until everything was written.
     pub async fn close(self) -> std::io::Result<()> {
-        match self {
-            Sink::Async(mut w) => w.shutdown().await,
-            Sink::Thread { tx, thread } => {
-                drop(tx);
-                tokio::task::spawn_blocking(move || thread.join())
-                    .await
-                    .map_err(std::io::Error::other)?
-                    .map_err(|_| std::io::Error::other("writer thread panicked"))?
-            }
-        }
+        let Sink { tx, thread } = self;
+        drop(tx);
+        tokio::task::spawn_blocking(move || thread.join())
+            .await
+            .map_err(std::io::Error::other)?
+            .map_err(|_| std::io::Error::other("writer thread panicked"))?
     }
 }

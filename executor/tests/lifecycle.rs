@@ -1,0 +1,413 @@
+//! The build lifecycle against real processes: dirs, statuses, process groups, output.
+//!
+//! Every test here spawns only through the executor: the executor's reaper waits for
+//! all children of this test process.
+
+use std::ffi::OsString;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::sys::signal::kill;
+use nix::unistd::Pid;
+use tether_executor::{
+    Build, BuildEvent, BuildOutcome, BuildSpec, ChildStatus, CommandSpec, EndCause, Executor, ExecutorConfig,
+    StartError, Stream,
+};
+
+fn executor(root: &Path) -> Executor {
+    let mut config = ExecutorConfig::new();
+    config.state_root = root.to_path_buf();
+    config.default_grace = Duration::from_secs(5);
+    Executor::new(config).expect("executor").0
+}
+
+fn script(s: &str) -> BuildSpec {
+    BuildSpec {
+        name: None,
+        command: CommandSpec::Script {
+            script: s.into(),
+            shell: None,
+        },
+        env: Vec::new(),
+        workdir: None,
+        timeout: None,
+        grace: None,
+        stdin: false,
+    }
+}
+
+fn argv(args: &[&str]) -> BuildSpec {
+    BuildSpec {
+        command: CommandSpec::Argv(args.iter().map(OsString::from).collect()),
+        ..script("")
+    }
+}
+
+struct Finished {
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    outcome: BuildOutcome,
+}
+
+/// Collects a build's events, checking that offsets are contiguous per stream.
+async fn finish(mut build: Build) -> Finished {
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    while let Some(ev) = build.events.recv().await {
+        match ev {
+            BuildEvent::Output(c) => {
+                let buf = match c.stream {
+                    Stream::Stdout => &mut stdout,
+                    Stream::Stderr => &mut stderr,
+                };
+                assert_eq!(c.offset, buf.len() as u64, "offsets are contiguous");
+                buf.extend_from_slice(&c.data);
+            }
+            BuildEvent::Finished(outcome) => {
+                assert!(build.events.recv().await.is_none(), "Finished is the last event");
+                return Finished {
+                    stdout,
+                    stderr,
+                    outcome,
+                };
+            }
+        }
+    }
+    panic!("event stream ended without Finished");
+}
+
+/// Reads output until `needle` appears on stdout, returning the build for more.
+async fn wait_for_stdout(build: &mut Build, needle: &str) -> String {
+    let mut seen = Vec::new();
+    while let Some(ev) = build.events.recv().await {
+        if let BuildEvent::Output(c) = ev {
+            if c.stream == Stream::Stdout {
+                seen.extend_from_slice(&c.data);
+                let text = String::from_utf8_lossy(&seen).into_owned();
+                if text.contains(needle) {
+                    return text;
+                }
+            }
+        }
+    }
+    panic!("build ended before printing {needle:?}");
+}
+
+fn alive(pid: i32) -> bool {
+    !matches!(kill(Pid::from_raw(pid), None), Err(Errno::ESRCH))
+}
+
+async fn gone_within(pid: i32, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while alive(pid) {
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    true
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exit_codes_and_streams_are_exact() {
+    let t = tempfile::tempdir().unwrap();
+    let ex = executor(t.path());
+    let f = finish(ex.start(script("printf 'out'; printf 'err' >&2; exit 42")).unwrap()).await;
+    assert_eq!(f.stdout, b"out");
+    assert_eq!(f.stderr, b"err");
+    assert_eq!(f.outcome.status, Some(ChildStatus::Exited(42)));
+    assert_eq!(f.outcome.cause, EndCause::Completed);
+    assert_eq!((f.outcome.stdout_bytes, f.outcome.stderr_bytes), (3, 3));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn signal_deaths_are_reported_as_signals() {
+    let t = tempfile::tempdir().unwrap();
+    let ex = executor(t.path());
+    for (sig, name) in [(15, "TERM"), (9, "KILL"), (6, "ABRT")] {
+        let f = finish(ex.start(script(&format!("kill -{name} $$"))).unwrap()).await;
+        match f.outcome.status {
+            Some(ChildStatus::Signaled { signal, .. }) => assert_eq!(signal, sig),
+            other => panic!("kill -{name}: expected a signal death, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn not_found_and_not_executable_are_distinct() {
+    let t = tempfile::tempdir().unwrap();
+    let ex = executor(t.path());
+    let err = ex.start(argv(&["definitely-not-a-command-xyz"])).unwrap_err();
+    assert!(matches!(err, StartError::NotFound { .. }), "{err:?}");
+
+    let file = t.path().join("not-executable");
+    std::fs::write(&file, "echo hi\n").unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = ex.start(argv(&[file.to_str().unwrap()])).unwrap_err();
+    assert!(matches!(err, StartError::NotExecutable { .. }), "{err:?}");
+
+    let err = ex.start(argv(&[t.path().to_str().unwrap()])).unwrap_err();
+    assert!(matches!(err, StartError::NotExecutable { .. }), "a directory: {err:?}");
+
+    // A failed start leaves no build directory behind.
+    assert_eq!(build_dirs(&ex).len(), 0);
+}
+
+fn build_dirs(ex: &Executor) -> Vec<PathBuf> {
+    std::fs::read_dir(ex.state().builds_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_builds_never_share_a_directory_and_leave_none() {
+    let t = tempfile::tempdir().unwrap();
+    let ex = executor(t.path());
+    let mut builds = Vec::new();
+    for _ in 0..4 {
+        let mut spec = script("echo \"$PWD $TMPDIR $TETHER_BUILD_ID\"; touch mine; cat - </dev/null");
+        spec.name = Some("same-name".into());
+        builds.push(ex.start(spec).unwrap());
+    }
+    let ids: Vec<String> = builds.iter().map(|b| b.id.clone()).collect();
+    let mut lines = Vec::new();
+    for b in builds {
+        let f = finish(b).await;
+        assert_eq!(f.outcome.status, Some(ChildStatus::Exited(0)));
+        lines.push(String::from_utf8(f.stdout).unwrap());
+    }
+    let mut dirs: Vec<&str> = lines.iter().map(|l| l.split(' ').next().unwrap()).collect();
+    dirs.sort();
+    dirs.dedup();
+    assert_eq!(dirs.len(), 4, "each build has its own work dir: {lines:?}");
+    for (line, id) in lines.iter().zip(&ids) {
+        let parts: Vec<&str> = line.trim().split(' ').collect();
+        assert!(parts[0].ends_with("/work") && parts[1].ends_with("/tmp"), "{line}");
+        assert_eq!(parts[2], id);
+        assert!(id.starts_with("same-name."));
+    }
+    assert!(
+        build_dirs(&ex).is_empty(),
+        "all build dirs removed: {:?}",
+        build_dirs(&ex)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn build_dirs_are_private_and_read_only_trees_are_removed() {
+    let t = tempfile::tempdir().unwrap();
+    let ex = executor(t.path());
+    let mut b = ex
+        .start(script(
+            "mkdir -p ro/deeper && echo x > ro/deeper/f && chmod -R a-w ro && chmod 000 ro/deeper; \
+             stat -c %a . \"$TMPDIR\" ..; echo ready; read _",
+        ))
+        .unwrap();
+    let text = wait_for_stdout(&mut b, "ready").await;
+    assert_eq!(text.lines().take(3).collect::<Vec<_>>(), ["700", "700", "700"]);
+    let root = b.work_dir.parent().unwrap().to_path_buf();
+    assert!(root.exists());
+    b.control.cancel(true);
+    finish(b).await;
+    assert!(!root.exists(), "the build dir with read-only contents is gone");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn timeout_kills_the_whole_group_including_grandchildren() {
+    let t = tempfile::tempdir().unwrap();
+    let ex = executor(t.path());
+    let mut spec = script("sleep 1000 & echo $!; sh -c 'sleep 1000' & echo $!; echo ready; wait");
+    spec.timeout = Some(Duration::from_millis(300));
+    spec.grace = Some(Duration::from_secs(5));
+    let mut b = ex.start(spec).unwrap();
+    let text = wait_for_stdout(&mut b, "ready").await;
+    let pids: Vec<i32> = text.lines().filter_map(|l| l.parse().ok()).collect();
+    assert_eq!(pids.len(), 2);
+    let f = finish(b).await;
+    assert_eq!(f.outcome.cause, EndCause::TimedOut);
+    assert_eq!(
+        f.outcome.status,
+        Some(ChildStatus::Signaled {
+            signal: 15,
+            core_dumped: false
+        })
+    );
+    for pid in pids {
+        assert!(!alive(pid), "grandchild {pid} survived the timeout");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancel_escalates_to_sigkill_after_the_grace_period() {
+    let t = tempfile::tempdir().unwrap();
+    let ex = executor(t.path());
+    let mut spec = script("trap '' TERM; sleep 1000 & echo $!; echo ready; while :; do sleep 1; done");
+    spec.grace = Some(Duration::from_millis(300));
+    let mut b = ex.start(spec).unwrap();
+    let text = wait_for_stdout(&mut b, "ready").await;
+    let grandchild: i32 = text.lines().next().unwrap().parse().unwrap();
+    let started = Instant::now();
+    b.control.cancel(false);
+    let f = finish(b).await;
+    assert_eq!(f.outcome.cause, EndCause::Cancelled);
+    assert_eq!(
+        f.outcome.status,
+        Some(ChildStatus::Signaled {
+            signal: 9,
+            core_dumped: false
+        }),
+        "the TERM-ignoring shell is killed"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "SIGKILL waited for the grace period"
+    );
+    assert!(!alive(grandchild));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn forced_cancel_kills_at_once() {
+    let t = tempfile::tempdir().unwrap();
+    let ex = executor(t.path());
+    let mut spec = script("trap '' TERM; echo ready; while :; do sleep 1; done");
+    spec.grace = Some(Duration::from_secs(600));
+    let mut b = ex.start(spec).unwrap();
+    wait_for_stdout(&mut b, "ready").await;
+    b.control.cancel(false);
+    b.control.cancel(true);
+    let f = tokio::time::timeout(Duration::from_secs(30), finish(b))
+        .await
+        .expect("a forced cancel does not wait for the 600 s grace");
+    assert_eq!(
+        f.outcome.status,
+        Some(ChildStatus::Signaled {
+            signal: 9,
+            core_dumped: false
+        })
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn background_process_holding_the_pipe_does_not_hang_the_build() {
+    let t = tempfile::tempdir().unwrap();
+    let ex = executor(t.path());
+    let f = tokio::time::timeout(
+        Duration::from_secs(30),
+        finish(ex.start(script("sleep 1000 & echo $!; echo done")).unwrap()),
+    )
+    .await
+    .expect("the build finishes although a grandchild holds stdout open");
+    let text = String::from_utf8(f.stdout).unwrap();
+    assert!(text.ends_with("done\n"), "all output before exit arrived: {text:?}");
+    assert_eq!(f.outcome.status, Some(ChildStatus::Exited(0)));
+    assert!(f.outcome.leftovers_killed);
+    let pid: i32 = text.lines().next().unwrap().parse().unwrap();
+    assert!(
+        gone_within(pid, Duration::from_secs(5)).await,
+        "leftover {pid} was ended"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn workdir_stays_inside_the_work_dir() {
+    let t = tempfile::tempdir().unwrap();
+    let ex = executor(t.path());
+    let mut spec = script("pwd");
+    spec.workdir = Some("sub/dir".into());
+    let f = finish(ex.start(spec).unwrap()).await;
+    assert!(String::from_utf8(f.stdout)
+        .unwrap()
+        .trim_end()
+        .ends_with("/work/sub/dir"));
+
+    for bad in ["../escape", "/etc", "a/../../b"] {
+        let mut spec = script("pwd");
+        spec.workdir = Some(bad.into());
+        let err = ex.start(spec).unwrap_err();
+        assert!(matches!(err, StartError::BadWorkdir { .. }), "{bad}: {err:?}");
+    }
+    assert!(build_dirs(&ex).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stdin_pipe_reaches_the_build_and_closes() {
+    let t = tempfile::tempdir().unwrap();
+    let ex = executor(t.path());
+    let mut spec = argv(&["wc", "-c"]);
+    spec.stdin = true;
+    let mut b = ex.start(spec).unwrap();
+    let mut stdin = b.stdin.take().unwrap();
+    let block = vec![b'x'; 100_000];
+    for _ in 0..10 {
+        stdin.write_all(&block).await.unwrap();
+    }
+    drop(stdin);
+    let f = finish(b).await;
+    assert_eq!(String::from_utf8(f.stdout).unwrap().trim(), "1000000");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stdin_is_dev_null_unless_asked_for() {
+    let t = tempfile::tempdir().unwrap();
+    let ex = executor(t.path());
+    let f = finish(ex.start(script("cat; readlink /proc/self/fd/0")).unwrap()).await;
+    assert_eq!(String::from_utf8(f.stdout).unwrap(), "/dev/null\n");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn script_runs_with_a_busybox_only_path() {
+    let Some(busybox) = ["/bin/busybox", "/usr/bin/busybox"]
+        .iter()
+        .map(Path::new)
+        .find(|p| p.exists())
+    else {
+        eprintln!("skipped: busybox is not installed (CI installs busybox-static)");
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let bb = t.path().join("busybox-root");
+    std::fs::create_dir(&bb).unwrap();
+    std::fs::copy(busybox, bb.join("busybox")).unwrap();
+    std::os::unix::fs::symlink("busybox", bb.join("sh")).unwrap();
+    std::os::unix::fs::symlink("busybox", bb.join("echo")).unwrap();
+    let mut config = ExecutorConfig::new();
+    config.state_root = t.path().join("state");
+    config.base_env = vec![("PATH".into(), bb.clone().into_os_string())];
+    config.fallback_shells = vec![t.path().join("no-bin-sh")];
+    let ex = Executor::new(config).unwrap().0;
+    let b = ex.start(script("echo from $0")).unwrap();
+    assert_eq!(b.shell.as_deref(), Some(bb.join("sh").as_path()));
+    let f = finish(b).await;
+    assert_eq!(f.outcome.status, Some(ChildStatus::Exited(0)));
+    assert_eq!(
+        String::from_utf8(f.stdout).unwrap().trim(),
+        format!("from {}", bb.join("sh").display())
+    );
+
+    // No shell anywhere: a clear error, not a crash.
+    let mut config = ExecutorConfig::new();
+    config.state_root = t.path().join("state2");
+    config.base_env = vec![("PATH".into(), "/nonexistent".into())];
+    config.fallback_shells = vec![t.path().join("no-bin-sh")];
+    let ex = Executor::new(config).unwrap().0;
+    assert!(matches!(ex.start(script("true")).unwrap_err(), StartError::NoShell));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn orphans_are_reaped_and_do_not_confuse_statuses() {
+    // The build double-forks children that exit on their own; the reaper collects
+    // whatever is re-parented to this process, and the build's own status stays exact.
+    nix::sys::prctl::set_child_subreaper(true).unwrap();
+    let t = tempfile::tempdir().unwrap();
+    let ex = executor(t.path());
+    let f = finish(
+        ex.start(script(
+            "for i in 1 2 3 4 5 6 7 8 9 10; do (sh -c 'exit 3' &); done; exit 7",
+        ))
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(f.outcome.status, Some(ChildStatus::Exited(7)));
+}
