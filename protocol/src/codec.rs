@@ -6,11 +6,17 @@ use serde::{de::DeserializeOwned, Serialize};
 use crate::frame::{seal_frame, FRAME_HEADER_LEN};
 use crate::MAX_PAYLOAD;
 
+/// bincode's decode limit. bincode counts in-memory sizes, not wire bytes: every integer
+/// counts its full width (a `u64` or a length counts 8 bytes even when its varint is one
+/// byte), a byte string or string counts its length. So a payload of `n` bytes counts at
+/// most `8 * n`, and this limit lets every payload that fits in a frame decode, while a
+/// lying length inside a payload still cannot make the decoder allocate more than 1 MiB.
+const DECODE_LIMIT: usize = 8 * MAX_PAYLOAD;
+
 /// bincode's standard configuration (little endian, variable-length integers) with a
-/// decode limit, so a length inside a payload can never make the decoder allocate more
-/// than a frame could hold.
+/// decode limit (see [`DECODE_LIMIT`]).
 fn config() -> impl bincode::config::Config {
-    bincode::config::standard().with_limit::<MAX_PAYLOAD>()
+    bincode::config::standard().with_limit::<DECODE_LIMIT>()
 }
 
 /// Encoding failed.
@@ -51,7 +57,8 @@ pub fn encode_frame<T: Serialize>(msg: &T, out: &mut Vec<u8>) -> Result<(), Enco
 
 /// Decodes a payload that must hold exactly one message.
 pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, DecodeError> {
-    let (msg, used) = bincode::serde::decode_from_slice(payload, config())?;
+    // The borrowing decoder lets byte strings copy straight out of the payload.
+    let (msg, used) = bincode::serde::borrow_decode_from_slice(payload, config())?;
     if used != payload.len() {
         return Err(DecodeError::Trailing(payload.len() - used));
     }

@@ -18,6 +18,7 @@
 //! This crate does no I/O and holds no policy: it defines bytes and types. PROTOCOL.md at
 //! the repository root is the byte-exact specification of everything here.
 
+pub mod bytes;
 pub mod codec;
 pub mod frame;
 pub mod handshake;

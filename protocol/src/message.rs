@@ -13,8 +13,7 @@ use serde::{Deserialize, Serialize};
 /// Chosen by the client, unique among its outstanding requests; replies echo it.
 pub type RequestId = u64;
 
-/// A raw byte string (not necessarily UTF-8) with a compact wire form.
-pub type Bytes = serde_bytes::ByteBuf;
+pub use crate::bytes::Bytes;
 
 /// Names a build for as long as the daemon knows it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

@@ -12,7 +12,7 @@ use base64::Engine;
 use serde_json::{json, Value};
 use tether_protocol::{EndCause, ExitStatus, Exited, OutputStream, Started};
 
-use crate::wire::Sink;
+use crate::wire::{Fallback, Sink};
 
 pub struct Output {
     stdout: Sink,
@@ -31,8 +31,16 @@ fn index(stream: OutputStream) -> usize {
 
 impl Output {
     pub fn new(json: bool) -> std::io::Result<Output> {
-        let stdout = Sink::thread(std::io::stdout().as_fd().try_clone_to_owned()?, "stdout")?;
-        let stderr = Sink::thread(std::io::stderr().as_fd().try_clone_to_owned()?, "stderr")?;
+        let stdout = Sink::for_fd(
+            std::io::stdout().as_fd().try_clone_to_owned()?,
+            "stdout",
+            Fallback::Direct,
+        )?;
+        let stderr = Sink::for_fd(
+            std::io::stderr().as_fd().try_clone_to_owned()?,
+            "stderr",
+            Fallback::Direct,
+        )?;
         Ok(Output {
             stdout,
             stderr,
@@ -44,7 +52,7 @@ impl Output {
     async fn line(&mut self, v: Value) -> std::io::Result<()> {
         let mut line = v.to_string().into_bytes();
         line.push(b'\n');
-        self.stdout.write(line).await
+        self.stdout.write(&mut line).await
     }
 
     pub async fn started(&mut self, s: &Started) -> std::io::Result<()> {
@@ -73,7 +81,7 @@ impl Output {
         let gap = offset.saturating_sub(*next);
         let start = offset + skip as u64;
         *next = end;
-        let data = if skip > 0 { data[skip..].to_vec() } else { data };
+        let mut data = if skip > 0 { data[skip..].to_vec() } else { data };
         if gap > 0 {
             tracing::warn!(?stream, gap, "output missing before offset {offset}");
         }
@@ -92,8 +100,8 @@ impl Output {
             return self.line(v).await;
         }
         match stream {
-            OutputStream::Stdout => self.stdout.write(data).await,
-            OutputStream::Stderr => self.stderr.write(data).await,
+            OutputStream::Stdout => self.stdout.write(&mut data).await,
+            OutputStream::Stderr => self.stderr.write(&mut data).await,
         }
     }
 

@@ -63,13 +63,9 @@ impl Builds {
         self.entries.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Starts a build whose events go to `out`.
-    pub fn start(
-        self: &Arc<Self>,
-        req: RequestId,
-        spec: &wire::RunSpec,
-        out: Outbox,
-    ) -> Result<wire::Started, ErrorReport> {
+    /// Starts a build whose events go to `out`, and queues `Started` there before any of
+    /// its output (the forwarder starts only after `Started` is queued).
+    pub async fn start(self: &Arc<Self>, req: RequestId, spec: &wire::RunSpec, out: Outbox) -> Result<(), ErrorReport> {
         if !self.accepting.load(Ordering::SeqCst) {
             return Err(error(
                 Some(req),
@@ -118,8 +114,9 @@ impl Builds {
             pid: build.pid,
             shell: build.shell.as_deref().map(convert::path_bytes),
         };
+        out.control(DaemonMessage::Started(started)).await;
         self.tasks.spawn(forward(Arc::clone(self), id, build.events, out));
-        Ok(started)
+        Ok(())
     }
 
     /// Queues stdin bytes for a build, within its window.

@@ -121,7 +121,7 @@ async fn write_loop(mut sink: Sink, mut switch: mpsc::Receiver<OutboxRx>, mut st
     let mut stopping = false;
     loop {
         if !buf.is_empty() && !broken {
-            if let Err(e) = sink.write(std::mem::take(&mut buf)).await {
+            if let Err(e) = sink.write(&mut buf).await {
                 // Nobody reads any more. Keep consuming the queues so that builds and
                 // sessions never block on a dead stream.
                 tracing::warn!(error = %e, "output stream closed");

@@ -98,10 +98,8 @@ impl Session {
     }
 
     async fn on_run(&mut self, req: RequestId, spec: wire::RunSpec) {
-        match self.daemon.builds.start(req, &spec, self.out.clone()) {
-            Ok(started) => {
-                self.out.control(DaemonMessage::Started(started)).await;
-            }
+        match self.daemon.builds.start(req, &spec, self.out.clone()).await {
+            Ok(()) => {}
             Err(e) => {
                 tracing::info!(session = self.id, error = %e.message, "build not started");
                 self.out.control(DaemonMessage::Error(e)).await;

@@ -1,0 +1,859 @@
+//! Message round trips through the whole pipe (encode_frame, FrameDecoder, decode), the
+//! exact bytes of the payload encoding (PROTOCOL.md relies on them), decode and encode
+//! errors, and the handshake checks.
+
+use serde::{de::DeserializeOwned, Serialize};
+use tether_protocol::frame::frame_bytes;
+use tether_protocol::*;
+
+fn b(s: &[u8]) -> Bytes {
+    Bytes::from(s.to_vec())
+}
+
+fn build(s: &str) -> BuildId {
+    BuildId(s.into())
+}
+
+/// Wire tag of a client message; exhaustive, so a new variant must be added here.
+fn client_tag(m: &ClientMessage) -> u8 {
+    match m {
+        ClientMessage::Hello(_) => 0,
+        ClientMessage::Ping { .. } => 1,
+        ClientMessage::Pong { .. } => 2,
+        ClientMessage::Run { .. } => 3,
+        ClientMessage::Stdin { .. } => 4,
+        ClientMessage::CloseStdin { .. } => 5,
+        ClientMessage::Cancel { .. } => 6,
+    }
+}
+
+/// Wire tag of a daemon message; exhaustive, so a new variant must be added here.
+fn daemon_tag(m: &DaemonMessage) -> u8 {
+    match m {
+        DaemonMessage::Welcome(_) => 0,
+        DaemonMessage::Error(_) => 1,
+        DaemonMessage::Ping { .. } => 2,
+        DaemonMessage::Pong { .. } => 3,
+        DaemonMessage::Started(_) => 4,
+        DaemonMessage::Output { .. } => 5,
+        DaemonMessage::Exited(_) => 6,
+        DaemonMessage::StdinAck { .. } => 7,
+        DaemonMessage::Ack { .. } => 8,
+    }
+}
+
+const CLIENT_TAGS: u8 = 7;
+const DAEMON_TAGS: u8 = 9;
+
+fn all_error_kinds() -> Vec<ErrorKind> {
+    use ErrorKind::*;
+    let kinds = vec![
+        VersionMismatch,
+        Protocol,
+        BadRequest,
+        UnknownBuild,
+        CommandNotFound,
+        NotExecutable,
+        Internal,
+        NoSession,
+    ];
+    // Exhaustive: a new kind must be added to the list above.
+    for k in &kinds {
+        match k {
+            VersionMismatch | Protocol | BadRequest | UnknownBuild | CommandNotFound | NotExecutable | Internal
+            | NoSession => {}
+        }
+    }
+    kinds
+}
+
+fn run_spec(command: CommandSpec) -> RunSpec {
+    RunSpec {
+        command,
+        env: vec![],
+        workdir: None,
+        timeout_ms: None,
+        grace_ms: None,
+        stdin: false,
+        name: None,
+    }
+}
+
+fn client_messages() -> Vec<ClientMessage> {
+    vec![
+        ClientMessage::Hello(Hello {
+            protocol: PROTOCOL_VERSION,
+            client_version: "0.1.0".into(),
+            capabilities: vec![],
+        }),
+        ClientMessage::Hello(Hello {
+            protocol: u32::MAX,
+            client_version: "9.9.9-ünïcode".into(),
+            capabilities: vec!["a".into(), "b".repeat(300)],
+        }),
+        ClientMessage::Ping { nonce: 0 },
+        ClientMessage::Ping { nonce: u64::MAX },
+        ClientMessage::Pong { nonce: 251 },
+        ClientMessage::Run {
+            req: 1,
+            spec: run_spec(CommandSpec::Argv(vec![b(b"echo"), b(b"hi")])),
+        },
+        ClientMessage::Run {
+            req: 1 << 40,
+            spec: RunSpec {
+                command: CommandSpec::Argv(vec![b(b"\xff\xfe not utf-8"), b(b"")]),
+                env: vec![
+                    EnvVar {
+                        name: b(b"PATH"),
+                        value: b(b"/usr/bin:/bin"),
+                    },
+                    EnvVar {
+                        name: b(b"EMPTY"),
+                        value: b(b""),
+                    },
+                ],
+                workdir: Some(b(b"src/\x80")),
+                timeout_ms: Some(60_000),
+                grace_ms: Some(0),
+                stdin: true,
+                name: Some("unit tests".into()),
+            },
+        },
+        ClientMessage::Run {
+            req: 2,
+            spec: run_spec(CommandSpec::Script {
+                script: b(b"set -e\nmake -j8 test\n"),
+                shell: None,
+            }),
+        },
+        ClientMessage::Run {
+            req: 3,
+            spec: run_spec(CommandSpec::Script {
+                script: b(b""),
+                shell: Some(b(b"/bin/bash")),
+            }),
+        },
+        ClientMessage::Stdin {
+            build: build("b-1"),
+            data: b(b""),
+        },
+        ClientMessage::Stdin {
+            build: build("b-1"),
+            data: Bytes::from(vec![0xF4; MAX_CHUNK]),
+        },
+        ClientMessage::CloseStdin { build: build("b-1") },
+        ClientMessage::Cancel {
+            req: 9,
+            build: build("b-1"),
+            force: false,
+        },
+        ClientMessage::Cancel {
+            req: 10,
+            build: build(""),
+            force: true,
+        },
+    ]
+}
+
+fn daemon_messages() -> Vec<DaemonMessage> {
+    let mut v = vec![
+        DaemonMessage::Welcome(Welcome {
+            protocol: PROTOCOL_VERSION,
+            daemon_version: "0.1.0".into(),
+            capabilities: vec![],
+            limits: Limits {
+                max_payload: MAX_PAYLOAD as u32,
+                max_chunk: MAX_CHUNK as u32,
+                stdin_window: DEFAULT_STDIN_WINDOW,
+            },
+            builds: vec![],
+        }),
+        DaemonMessage::Welcome(Welcome {
+            protocol: 2,
+            daemon_version: "0.2.0".into(),
+            capabilities: vec!["x".into()],
+            limits: Limits {
+                max_payload: 0,
+                max_chunk: u32::MAX,
+                stdin_window: 1,
+            },
+            builds: vec![
+                BuildSummary {
+                    build: build("b-1"),
+                    command: "make test".into(),
+                    pid: 4242,
+                    started_at_ms: 1_700_000_000_000,
+                },
+                BuildSummary {
+                    build: build("b-2"),
+                    command: String::new(),
+                    pid: 1,
+                    started_at_ms: 0,
+                },
+            ],
+        }),
+        DaemonMessage::Ping { nonce: 65_536 },
+        DaemonMessage::Pong { nonce: 65_535 },
+        DaemonMessage::Started(Started {
+            req: 1,
+            build: build("b-1"),
+            pid: 77,
+            shell: None,
+        }),
+        DaemonMessage::Started(Started {
+            req: 2,
+            build: build("b-2"),
+            pid: u32::MAX,
+            shell: Some(b(b"/bin/sh")),
+        }),
+        DaemonMessage::Output {
+            build: build("b-1"),
+            stream: OutputStream::Stdout,
+            offset: 0,
+            data: b(b"hi\n"),
+        },
+        DaemonMessage::Output {
+            build: build("b-1"),
+            stream: OutputStream::Stderr,
+            offset: u32::MAX as u64 + 1,
+            data: Bytes::from(vec![b'<'; MAX_CHUNK]),
+        },
+        DaemonMessage::StdinAck {
+            build: build("b-1"),
+            consumed: 1 << 20,
+        },
+        DaemonMessage::Ack { req: 0 },
+    ];
+    let statuses = [
+        ExitStatus::Code(0),
+        ExitStatus::Code(-1),
+        ExitStatus::Code(i32::MIN),
+        ExitStatus::Code(i32::MAX),
+        ExitStatus::Signal {
+            signal: 9,
+            core_dumped: false,
+        },
+        ExitStatus::Signal {
+            signal: 11,
+            core_dumped: true,
+        },
+    ];
+    let causes = [EndCause::Completed, EndCause::Cancelled, EndCause::TimedOut];
+    for (i, status) in statuses.into_iter().enumerate() {
+        v.push(DaemonMessage::Exited(Exited {
+            build: build("b-1"),
+            status,
+            cause: causes[i % causes.len()],
+            duration_ms: 1234,
+            stdout_bytes: 3,
+            stderr_bytes: u64::MAX,
+        }));
+    }
+    for (i, kind) in all_error_kinds().into_iter().enumerate() {
+        v.push(DaemonMessage::Error(ErrorReport {
+            req: (i % 2 == 0).then_some(i as u64),
+            build: (i % 3 == 0).then(|| build("b-3")),
+            kind,
+            message: format!("error number {i}"),
+        }));
+    }
+    v
+}
+
+/// Encodes all messages after a preamble, feeds the stream through a decoder in pieces
+/// of `chunk` bytes and decodes every frame.
+fn through_the_pipe<T: Serialize + DeserializeOwned>(msgs: &[T], chunk: usize) -> Vec<T> {
+    let mut stream = PREAMBLE.to_vec();
+    for m in msgs {
+        encode_frame(m, &mut stream).unwrap();
+    }
+    let mut dec = FrameDecoder::new();
+    let mut got = Vec::new();
+    let mut preambles = 0;
+    for mut piece in stream.chunks(chunk) {
+        while !piece.is_empty() {
+            let n = dec.feed(piece);
+            piece = &piece[n..];
+            while let Some(item) = dec.decode() {
+                match item {
+                    Decoded::Preamble => preambles += 1,
+                    Decoded::Frame(p) => got.push(decode(p).unwrap()),
+                    Decoded::Corrupt(c) => panic!("corrupt: {c}"),
+                }
+            }
+        }
+    }
+    assert_eq!(preambles, 1);
+    assert_eq!(dec.end_of_stream(), EndOfStream::Clean);
+    got
+}
+
+#[test]
+fn every_client_message_round_trips() {
+    let msgs = client_messages();
+    let tags: std::collections::BTreeSet<u8> = msgs.iter().map(client_tag).collect();
+    assert_eq!(tags, (0..CLIENT_TAGS).collect());
+    for chunk in [1, 7, 100_000] {
+        assert_eq!(through_the_pipe(&msgs, chunk), msgs);
+    }
+    for m in &msgs {
+        let mut f = Vec::new();
+        encode_frame(m, &mut f).unwrap();
+        assert_eq!(f[FRAME_HEADER_LEN], client_tag(m), "{m:?}");
+    }
+}
+
+#[test]
+fn every_daemon_message_round_trips() {
+    let msgs = daemon_messages();
+    let tags: std::collections::BTreeSet<u8> = msgs.iter().map(daemon_tag).collect();
+    assert_eq!(tags, (0..DAEMON_TAGS).collect());
+    for chunk in [1, 7, 100_000] {
+        assert_eq!(through_the_pipe(&msgs, chunk), msgs);
+    }
+    for m in &msgs {
+        let mut f = Vec::new();
+        encode_frame(m, &mut f).unwrap();
+        assert_eq!(f[FRAME_HEADER_LEN], daemon_tag(m), "{m:?}");
+    }
+}
+
+/// The payload of `msg` (frame minus header).
+fn payload<T: Serialize>(msg: &T) -> Vec<u8> {
+    let mut f = Vec::new();
+    encode_frame(msg, &mut f).unwrap();
+    assert_eq!(
+        u32::from_le_bytes(f[4..8].try_into().unwrap()) as usize,
+        f.len() - FRAME_HEADER_LEN
+    );
+    f.split_off(FRAME_HEADER_LEN)
+}
+
+#[test]
+fn example_frames_of_protocol_md() {
+    // The two frames dumped in PROTOCOL.md, "Example": keep them in sync.
+    let hello = ClientMessage::Hello(Hello {
+        protocol: 1,
+        client_version: "0.1.0".into(),
+        capabilities: vec![],
+    });
+    let mut f = Vec::new();
+    encode_frame(&hello, &mut f).unwrap();
+    assert_eq!(
+        f,
+        [
+            0xf4, 0x54, 0x48, 0x52, 0x09, 0x00, 0x00, 0x00, 0x90, 0xe0, 0x94, 0x5b, 0x00, 0x01, 0x05, b'0', b'.', b'1',
+            b'.', b'0', 0x00
+        ]
+    );
+    let run = ClientMessage::Run {
+        req: 1,
+        spec: run_spec(CommandSpec::Argv(vec![b(b"echo"), b(b"hi")])),
+    };
+    let mut f = Vec::new();
+    encode_frame(&run, &mut f).unwrap();
+    assert_eq!(
+        f,
+        [
+            0xf4, 0x54, 0x48, 0x52, 0x12, 0x00, 0x00, 0x00, 0x82, 0x05, 0x03, 0xb6, 0x03, 0x01, 0x00, 0x02, 0x04, b'e',
+            b'c', b'h', b'o', 0x02, b'h', b'i', 0x00, 0x00, 0x00, 0x00, 0x00, 0x00
+        ]
+    );
+    // CRC32C check value of the standard algorithm, and the CRC of the Run frame.
+    assert_eq!(tether_protocol::frame::frame_crc(b"1234", b"56789"), 0xE306_9283);
+    assert_eq!(
+        tether_protocol::frame::frame_crc(&f[..8], &f[FRAME_HEADER_LEN..]),
+        0xb603_0582
+    );
+}
+
+#[test]
+fn preamble_and_constants() {
+    assert_eq!(PREAMBLE, b"<===[TETHER]===>\n");
+    assert_eq!(PREAMBLE.len(), 17);
+    assert_eq!(MAGIC, [0xF4, 0x54, 0x48, 0x52]);
+    assert_eq!(FRAME_HEADER_LEN, 12);
+    assert_eq!(MAX_PAYLOAD, 131_072);
+    assert_eq!(MAX_CHUNK, 65_536);
+    assert_eq!(SYNC_PAD_LEN, 131_084);
+    assert_eq!(DEFAULT_STDIN_WINDOW, 262_144);
+    assert_eq!(PROTOCOL_VERSION, 1);
+}
+
+#[test]
+fn unsigned_varints() {
+    let cases: &[(u64, &[u8])] = &[
+        (0, &[0]),
+        (1, &[1]),
+        (250, &[250]),
+        (251, &[251, 251, 0]),
+        (0x1234, &[251, 0x34, 0x12]),
+        (65_535, &[251, 0xff, 0xff]),
+        (65_536, &[252, 0, 0, 1, 0]),
+        (u32::MAX as u64, &[252, 0xff, 0xff, 0xff, 0xff]),
+        (u32::MAX as u64 + 1, &[253, 0, 0, 0, 0, 1, 0, 0, 0]),
+        (u64::MAX, &[253, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]),
+    ];
+    for &(n, want) in cases {
+        // As a bare u64, and as the field of a message (after its tag).
+        assert_eq!(payload(&n), want, "{n}");
+        let mut msg = vec![1u8];
+        msg.extend_from_slice(want);
+        assert_eq!(payload(&ClientMessage::Ping { nonce: n }), msg, "{n}");
+        assert_eq!(decode::<u64>(want).unwrap(), n);
+        if let Ok(n32) = u32::try_from(n) {
+            assert_eq!(payload(&n32), want, "{n} as u32");
+        }
+    }
+    assert_eq!(payload(&1000u16), [251, 0xe8, 0x03]);
+    assert_eq!(payload(&u128::MAX)[0], 254);
+    assert_eq!(payload(&u128::MAX).len(), 17);
+    // u8 is always one raw byte, never a varint.
+    assert_eq!(payload(&255u8), [255]);
+    assert_eq!(payload(&251u8), [251]);
+    // A longer form than needed is accepted by bincode when decoding.
+    assert_eq!(decode::<u64>(&[251, 5, 0]).unwrap(), 5);
+    // A u32 field does not accept the u64 form.
+    assert!(decode::<u32>(&[253, 0, 0, 0, 0, 0, 0, 0, 0]).is_err());
+}
+
+#[test]
+fn signed_varints_are_zigzag() {
+    let cases: &[(i32, &[u8])] = &[
+        (0, &[0]),
+        (-1, &[1]),
+        (1, &[2]),
+        (-2, &[3]),
+        (125, &[250]),
+        (-126, &[251, 251, 0]),
+        (127, &[251, 254, 0]),
+        (i32::MAX, &[252, 0xfe, 0xff, 0xff, 0xff]),
+        (i32::MIN, &[252, 0xff, 0xff, 0xff, 0xff]),
+    ];
+    for &(n, want) in cases {
+        assert_eq!(payload(&n), want, "{n}");
+        assert_eq!(decode::<i32>(want).unwrap(), n);
+    }
+    // As inside Exited: ExitStatus::Code is tag 0 then the zigzag varint.
+    assert_eq!(payload(&ExitStatus::Code(-1)), [0, 1]);
+    assert_eq!(
+        payload(&ExitStatus::Signal {
+            signal: 9,
+            core_dumped: true
+        }),
+        [1, 18, 1]
+    );
+}
+
+#[test]
+fn other_primitives() {
+    assert_eq!(payload(&false), [0]);
+    assert_eq!(payload(&true), [1]);
+    assert!(decode::<bool>(&[2]).is_err());
+    assert_eq!(payload(&String::from("hé")), [3, b'h', 0xc3, 0xa9]);
+    assert!(decode::<String>(&[1, 0xff]).is_err());
+    assert_eq!(payload(&b(b"\x00\xff")), [2, 0, 0xff]);
+    assert_eq!(payload(&None::<u64>), [0]);
+    assert_eq!(payload(&Some(300u64)), [1, 251, 0x2c, 0x01]);
+    assert!(decode::<Option<u64>>(&[2, 0]).is_err());
+    assert_eq!(payload(&vec![1u32, 2, 300]), [3, 1, 2, 251, 0x2c, 0x01]);
+    // Bytes are a length and raw bytes; a Vec<u8> would be the same on the wire.
+    let long = Bytes::from(vec![7u8; 300]);
+    assert_eq!(payload(&long)[..3], [251, 0x2c, 0x01]);
+    assert_eq!(payload(&long).len(), 303);
+    // Newtype structs are their content; structs are their fields in order.
+    assert_eq!(payload(&build("ab")), [2, b'a', b'b']);
+    assert_eq!(
+        payload(&Limits {
+            max_payload: 1,
+            max_chunk: 2,
+            stdin_window: 3
+        }),
+        [1, 2, 3]
+    );
+    // Unit variants are their index.
+    assert_eq!(payload(&OutputStream::Stdout), [0]);
+    assert_eq!(payload(&OutputStream::Stderr), [1]);
+    assert_eq!(payload(&EndCause::Completed), [0]);
+    assert_eq!(payload(&EndCause::Cancelled), [1]);
+    assert_eq!(payload(&EndCause::TimedOut), [2]);
+}
+
+#[test]
+fn error_kind_tags() {
+    for (i, kind) in all_error_kinds().into_iter().enumerate() {
+        assert_eq!(payload(&kind), [i as u8], "{kind:?}");
+    }
+    assert_eq!(payload(&ErrorKind::VersionMismatch), [0]);
+    assert_eq!(payload(&ErrorKind::Protocol), [1]);
+    assert_eq!(payload(&ErrorKind::NoSession), [7]);
+    assert!(decode::<ErrorKind>(&[8]).is_err());
+}
+
+#[test]
+fn field_order_of_structs() {
+    let e = DaemonMessage::Error(ErrorReport {
+        req: Some(5),
+        build: None,
+        kind: ErrorKind::Protocol,
+        message: "x".into(),
+    });
+    assert_eq!(payload(&e), [1, 1, 5, 0, 1, 1, b'x']);
+    let o = DaemonMessage::Output {
+        build: build("b"),
+        stream: OutputStream::Stderr,
+        offset: 300,
+        data: b(b"ok"),
+    };
+    assert_eq!(payload(&o), [5, 1, b'b', 1, 251, 0x2c, 0x01, 2, b'o', b'k']);
+    let c = ClientMessage::Cancel {
+        req: 2,
+        build: build("b"),
+        force: true,
+    };
+    assert_eq!(payload(&c), [6, 2, 1, b'b', 1]);
+    let s = DaemonMessage::Started(Started {
+        req: 1,
+        build: build("b"),
+        pid: 1000,
+        shell: Some(b(b"sh")),
+    });
+    assert_eq!(payload(&s), [4, 1, 1, b'b', 251, 0xe8, 0x03, 1, 2, b's', b'h']);
+    let x = DaemonMessage::Exited(Exited {
+        build: build("b"),
+        status: ExitStatus::Code(2),
+        cause: EndCause::TimedOut,
+        duration_ms: 10,
+        stdout_bytes: 0,
+        stderr_bytes: 1,
+    });
+    assert_eq!(payload(&x), [6, 1, b'b', 0, 4, 2, 10, 0, 1]);
+    let w = DaemonMessage::Welcome(Welcome {
+        protocol: 1,
+        daemon_version: "v".into(),
+        capabilities: vec!["c".into()],
+        limits: Limits {
+            max_payload: 3,
+            max_chunk: 2,
+            stdin_window: 1,
+        },
+        builds: vec![BuildSummary {
+            build: build("b"),
+            command: "m".into(),
+            pid: 9,
+            started_at_ms: 8,
+        }],
+    });
+    assert_eq!(
+        payload(&w),
+        [0, 1, 1, b'v', 1, 1, b'c', 3, 2, 1, 1, 1, b'b', 1, b'm', 9, 8]
+    );
+    let r = ClientMessage::Run {
+        req: 7,
+        spec: RunSpec {
+            command: CommandSpec::Script {
+                script: b(b"s"),
+                shell: None,
+            },
+            env: vec![EnvVar {
+                name: b(b"K"),
+                value: b(b"V"),
+            }],
+            workdir: Some(b(b"w")),
+            timeout_ms: Some(1),
+            grace_ms: None,
+            stdin: true,
+            name: Some("n".into()),
+        },
+    };
+    assert_eq!(
+        payload(&r),
+        [3, 7, 1, 1, b's', 0, 1, 1, b'K', 1, b'V', 1, 1, b'w', 1, 1, 0, 1, 1, 1, b'n']
+    );
+    assert_eq!(
+        payload(&ClientMessage::Stdin {
+            build: build("b"),
+            data: b(b"in")
+        }),
+        [4, 1, b'b', 2, b'i', b'n']
+    );
+    assert_eq!(payload(&ClientMessage::CloseStdin { build: build("b") }), [5, 1, b'b']);
+    assert_eq!(
+        payload(&DaemonMessage::StdinAck {
+            build: build("b"),
+            consumed: 2
+        }),
+        [7, 1, b'b', 2]
+    );
+    assert_eq!(payload(&DaemonMessage::Ack { req: 3 }), [8, 3]);
+    assert_eq!(payload(&DaemonMessage::Ping { nonce: 4 }), [2, 4]);
+    assert_eq!(payload(&DaemonMessage::Pong { nonce: 4 }), [3, 4]);
+    assert_eq!(payload(&ClientMessage::Pong { nonce: 4 }), [2, 4]);
+}
+
+/// Runs a raw payload through a real frame and decoder, then decodes it.
+fn decode_framed<T: DeserializeOwned>(p: &[u8]) -> Result<T, DecodeError> {
+    let mut stream = PREAMBLE.to_vec();
+    stream.extend_from_slice(&frame_bytes(p));
+    let mut dec = FrameDecoder::new();
+    assert_eq!(dec.feed(&stream), stream.len());
+    assert_eq!(dec.decode(), Some(Decoded::Preamble));
+    match dec.decode() {
+        Some(Decoded::Frame(got)) => {
+            assert_eq!(got, p);
+            decode(got)
+        }
+        other => panic!("expected a frame, got {other:?}"),
+    }
+}
+
+#[test]
+fn trailing_bytes_are_an_error() {
+    let mut p = payload(&ClientMessage::Ping { nonce: 1 });
+    assert!(decode_framed::<ClientMessage>(&p).is_ok());
+    p.push(0);
+    assert!(matches!(
+        decode_framed::<ClientMessage>(&p),
+        Err(DecodeError::Trailing(1))
+    ));
+    let mut p = payload(&daemon_messages()[0]);
+    p.extend_from_slice(b"xyz");
+    let err = decode_framed::<DaemonMessage>(&p).unwrap_err();
+    assert!(matches!(err, DecodeError::Trailing(3)), "{err:?}");
+    assert!(err.to_string().contains("3 trailing bytes"), "{err}");
+}
+
+#[test]
+fn undecodable_payloads_are_decode_errors() {
+    let bad_client: Vec<Vec<u8>> = vec![
+        vec![],                                        // empty
+        vec![CLIENT_TAGS],                             // unknown tag
+        vec![250],                                     // unknown tag
+        vec![251, 0, 1],                               // unknown tag, u16 form
+        vec![255],                                     // invalid varint marker
+        vec![1],                                       // Ping without its nonce
+        vec![1, 252, 0, 0],                            // nonce cut short
+        vec![6, 1, 1, b'b', 2],                        // Cancel with force = 2
+        vec![0, 1, 2, 0xff, 0xfe, 0],                  // Hello with invalid UTF-8
+        vec![5, 252, 0, 0, 0, 0x10],                   // CloseStdin with a 256 MiB build id
+        vec![4, 1, b'b', 253, 0, 0, 0, 0, 0, 0, 0, 1], // Stdin claiming 2^56 bytes
+        vec![3, 1, 2],                                 // Run with CommandSpec tag 2
+        vec![3, 1, 0, 0, 0, 2],                        // Run with workdir Option tag 2
+    ];
+    for p in bad_client {
+        let r = decode_framed::<ClientMessage>(&p);
+        assert!(matches!(r, Err(DecodeError::Decode(_))), "{p:?}: {r:?}");
+    }
+    let bad_daemon: Vec<Vec<u8>> = vec![
+        vec![DAEMON_TAGS],
+        vec![1, 0, 0, 8, 0],                // Error with ErrorKind 8
+        vec![5, 1, b'b', 2, 0, 0],          // Output with OutputStream 2
+        vec![6, 1, b'b', 2, 0, 0, 0, 0, 0], // Exited with ExitStatus 2
+        vec![6, 1, b'b', 0, 0, 3, 0, 0, 0], // Exited with EndCause 3
+    ];
+    for p in bad_daemon {
+        let r = decode_framed::<DaemonMessage>(&p);
+        assert!(matches!(r, Err(DecodeError::Decode(_))), "{p:?}: {r:?}");
+    }
+    // A client message is not a daemon message and vice versa, even when the tag exists.
+    let p = payload(&ClientMessage::Cancel {
+        req: 1,
+        build: build("b"),
+        force: true,
+    });
+    assert!(decode::<DaemonMessage>(&p).is_err());
+}
+
+#[test]
+fn largest_message_fits_and_one_more_byte_does_not() {
+    // Stdin payload: tag (1) + build id "b" (1 + 1) + data length (5: 252 + u32) + data.
+    let n = MAX_PAYLOAD - 8;
+    let fits = ClientMessage::Stdin {
+        build: build("b"),
+        data: Bytes::from(vec![1; n]),
+    };
+    let mut out = b"keep".to_vec();
+    encode_frame(&fits, &mut out).unwrap();
+    assert_eq!(out.len(), 4 + FRAME_HEADER_LEN + MAX_PAYLOAD);
+    assert_eq!(through_the_pipe(std::slice::from_ref(&fits), 4096), [fits]);
+
+    let too_big = ClientMessage::Stdin {
+        build: build("b"),
+        data: Bytes::from(vec![1; n + 1]),
+    };
+    let mut out = b"keep".to_vec();
+    let err = encode_frame(&too_big, &mut out).unwrap_err();
+    assert!(
+        matches!(err, EncodeError::TooLarge(x) if x == MAX_PAYLOAD + 1),
+        "{err:?}"
+    );
+    assert_eq!(out, b"keep");
+    assert!(err.to_string().contains(&MAX_PAYLOAD.to_string()));
+
+    let huge = DaemonMessage::Output {
+        build: build("b"),
+        stream: OutputStream::Stdout,
+        offset: 0,
+        data: Bytes::from(vec![0; 3 * MAX_PAYLOAD]),
+    };
+    let mut out = vec![9; 100];
+    assert!(matches!(encode_frame(&huge, &mut out), Err(EncodeError::TooLarge(_))));
+    assert_eq!(out, vec![9; 100]);
+}
+
+#[test]
+fn every_payload_that_fits_decodes() {
+    // bincode's decode limit counts in-memory sizes (a length counts 8 bytes even when its
+    // varint is 1 byte), so payloads of many small fields count up to 8 times their size.
+    // All of them must decode as long as the payload fits in a frame.
+    let run_with_env = |n: usize| ClientMessage::Run {
+        req: u64::MAX,
+        spec: RunSpec {
+            env: vec![
+                EnvVar {
+                    name: b(b""),
+                    value: b(b""),
+                };
+                n
+            ],
+            name: Some("x".into()),
+            ..run_spec(CommandSpec::Argv(vec![]))
+        },
+    };
+    // 22 bytes of other fields (tag 1, req 9, command 2, env length 3, options and flag 4,
+    // name 3) and two bytes per variable.
+    let run = run_with_env((MAX_PAYLOAD - 22) / 2);
+    let p = payload(&run);
+    assert_eq!(p.len(), MAX_PAYLOAD);
+    assert_eq!(decode_framed::<ClientMessage>(&p).unwrap(), run);
+
+    let mut welcome = welcome(PROTOCOL_VERSION, "0.1.0");
+    welcome.builds = vec![
+        BuildSummary {
+            build: build(""),
+            command: String::new(),
+            pid: 0,
+            started_at_ms: 0,
+        };
+        30_000
+    ];
+    let w = DaemonMessage::Welcome(welcome);
+    let p = payload(&w);
+    assert!(p.len() <= MAX_PAYLOAD);
+    assert_eq!(decode_framed::<DaemonMessage>(&p).unwrap(), w);
+
+    // 15 bytes of other fields: tag, req, command tag, script length (252 + u32), shell,
+    // env, three options, flag.
+    let script = ClientMessage::Run {
+        req: 1,
+        spec: run_spec(CommandSpec::Script {
+            script: Bytes::from(vec![b'#'; MAX_PAYLOAD - 15]),
+            shell: None,
+        }),
+    };
+    let p = payload(&script);
+    assert_eq!(p.len(), MAX_PAYLOAD);
+    assert_eq!(decode_framed::<ClientMessage>(&p).unwrap(), script);
+}
+
+#[test]
+fn a_lying_length_is_refused_before_allocating() {
+    // Stdin whose data claims 2^40 bytes in a 12-byte payload.
+    let p = [4, 1, b'b', 253, 0, 0, 0, 0, 0, 1, 0, 0];
+    let r = decode_framed::<ClientMessage>(&p);
+    assert!(
+        matches!(r, Err(DecodeError::Decode(bincode::error::DecodeError::LimitExceeded))),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn frames_append_to_the_output() {
+    let mut out = Vec::new();
+    let msgs = client_messages();
+    for m in &msgs {
+        encode_frame(m, &mut out).unwrap();
+    }
+    let mut dec = FrameDecoder::framed();
+    let mut got = Vec::new();
+    let mut rest = &out[..];
+    while !rest.is_empty() {
+        let n = dec.feed(rest);
+        rest = &rest[n..];
+        while let Some(Decoded::Frame(p)) = dec.decode() {
+            got.push(decode::<ClientMessage>(p).unwrap());
+        }
+    }
+    assert_eq!(got, msgs);
+}
+
+fn hello(protocol: u32, version: &str) -> Hello {
+    Hello {
+        protocol,
+        client_version: version.into(),
+        capabilities: vec![],
+    }
+}
+
+fn welcome(protocol: u32, version: &str) -> Welcome {
+    Welcome {
+        protocol,
+        daemon_version: version.into(),
+        capabilities: vec![],
+        limits: Limits {
+            max_payload: MAX_PAYLOAD as u32,
+            max_chunk: MAX_CHUNK as u32,
+            stdin_window: DEFAULT_STDIN_WINDOW,
+        },
+        builds: vec![],
+    }
+}
+
+#[test]
+fn handshake_accepts_the_same_version() {
+    assert_eq!(check_hello(&hello(PROTOCOL_VERSION, "0.9.0"), "0.1.0"), Ok(()));
+    assert_eq!(check_welcome(&welcome(PROTOCOL_VERSION, "0.9.0"), "0.1.0"), Ok(()));
+}
+
+#[test]
+fn handshake_mismatch_names_both_versions() {
+    for peer in [0, PROTOCOL_VERSION + 1, 77] {
+        let e = check_hello(&hello(peer, "0.9.0"), "0.1.0").unwrap_err();
+        assert_eq!((e.own, e.peer, e.peer_role), (PROTOCOL_VERSION, peer, "client"));
+        let msg = e.to_string();
+        for part in [
+            format!("protocol {peer}"),
+            format!("protocol {PROTOCOL_VERSION}"),
+            "client tether 0.9.0".to_string(),
+            "tether 0.1.0".to_string(),
+        ] {
+            assert!(msg.contains(&part), "{msg:?} lacks {part:?}");
+        }
+
+        let e = check_welcome(&welcome(peer, "0.9.0"), "0.1.0").unwrap_err();
+        assert_eq!((e.own, e.peer, e.peer_role), (PROTOCOL_VERSION, peer, "daemon"));
+        let msg = e.to_string();
+        for part in [
+            format!("protocol {peer}"),
+            format!("protocol {PROTOCOL_VERSION}"),
+            "daemon tether 0.9.0".to_string(),
+            "tether 0.1.0".to_string(),
+        ] {
+            assert!(msg.contains(&part), "{msg:?} lacks {part:?}");
+        }
+    }
+}
+
+#[test]
+fn version_mismatch_travels_as_an_error_report() {
+    let e = check_hello(&hello(2, "0.2.0"), "0.1.0").unwrap_err();
+    let report = DaemonMessage::Error(ErrorReport {
+        req: None,
+        build: None,
+        kind: ErrorKind::VersionMismatch,
+        message: e.to_string(),
+    });
+    let p = payload(&report);
+    assert_eq!(&p[..4], [1, 0, 0, 0]);
+    assert_eq!(decode::<DaemonMessage>(&p).unwrap(), report);
+}
