@@ -38,11 +38,7 @@ fn serve(args: cli::ServeArgs) -> i32 {
         exit_on_eof: args.exit_on_eof,
         grace: args.grace,
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("tether: cannot start the runtime: {e}");

@@ -16,10 +16,8 @@
 
 use std::ffi::OsString;
 use std::io;
-use std::os::fd::OwnedFd;
-use std::os::unix::process::CommandExt;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -31,6 +29,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{sleep, sleep_until};
 
 use crate::reaper::{ChildStatus, Reaper};
+use crate::spawn::{SpawnError, SpawnRequest};
 use crate::statedir::BuildDir;
 use crate::status::{BuildOutcome, EndCause};
 
@@ -100,6 +99,8 @@ pub enum StartError {
     NoShell,
     #[error("empty command")]
     EmptyCommand,
+    #[error("an argument or environment variable contains a NUL byte")]
+    Nul,
     #[error("bad workdir {path:?}: {reason}")]
     BadWorkdir { path: PathBuf, reason: String },
     #[error("cannot create the build directory: {0}")]
@@ -233,56 +234,51 @@ fn prepare_and_spawn(spec: &BuildSpec, launch: &Launch<'_>) -> Result<Spawned, S
         }
     };
 
-    let mut cmd = Command::new(&program);
-    cmd.args(&args)
-        .env_clear()
-        .envs(env)
-        .current_dir(&cwd)
-        .stdin(if spec.stdin { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
-    unsafe {
-        cmd.pre_exec(|| {
-            nix::unistd::setsid().map_err(io::Error::from)?;
-            Ok(())
-        });
-    }
-    let started = Instant::now();
-    let (mut child, status) = launch.reaper.spawn(&mut cmd).map_err(|e| {
-        let program = program.to_string_lossy().into_owned();
-        match e.kind() {
-            io::ErrorKind::NotFound => StartError::NotFound { program },
-            io::ErrorKind::PermissionDenied => StartError::NotExecutable { program, source: e },
-            _ if matches!(
-                e.raw_os_error(),
-                Some(libc::ENOEXEC) | Some(libc::EISDIR) | Some(libc::ENOTDIR)
-            ) =>
-            {
-                StartError::NotExecutable { program, source: e }
-            }
-            _ => StartError::Io(e),
-        }
-    })?;
-    let pid = child.id();
-    let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
-        // Unreachable with piped stdio; fail safely rather than panic.
-        let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
-        return Err(StartError::Io(io::Error::other("child pipes missing")));
+    let (out_r, out_w) = crate::spawn::pipe()?;
+    let (err_r, err_w) = crate::spawn::pipe()?;
+    let (stdin_r, stdin_w) = if spec.stdin {
+        let (r, w) = crate::spawn::pipe()?;
+        (Some(r), Some(w))
+    } else {
+        (None, None)
     };
-    let stdin = child.stdin.take().map(OwnedFd::from);
-    let (stdout, stderr): (OwnedFd, OwnedFd) = (stdout.into(), stderr.into());
-    enlarge_pipe(&stdout);
-    enlarge_pipe(&stderr);
-    // `child` is dropped without waiting: the reaper owns the wait.
+    let mut argv = Vec::with_capacity(args.len() + 1);
+    argv.push(program.clone());
+    argv.extend(args);
+    let request = SpawnRequest {
+        program: &program,
+        argv: &argv,
+        env: &env,
+        cwd: &cwd,
+        stdin: stdin_r.as_ref().map(|fd| fd.as_raw_fd()),
+        stdout: out_w.as_raw_fd(),
+        stderr: err_w.as_raw_fd(),
+    };
+    let started = Instant::now();
+    let (pid, status) = launch
+        .reaper
+        .spawn_with(|| crate::spawn::spawn(&request))
+        .map_err(|e| {
+            let program = program.to_string_lossy().into_owned();
+            match e {
+                SpawnError::NotFound => StartError::NotFound { program },
+                SpawnError::NotExecutable(source) => StartError::NotExecutable { program, source },
+                SpawnError::Nul => StartError::Nul,
+                SpawnError::Other(e) => StartError::Io(e),
+            }
+        })?;
+    // The child holds its own copies now; ours of its ends must go, or EOF never comes.
+    drop((out_w, err_w, stdin_r));
+    enlarge_pipe(&out_r);
+    enlarge_pipe(&err_r);
     Ok(Spawned {
-        pid,
+        pid: pid as u32,
         shell,
         cwd,
         status,
-        stdin,
-        stdout,
-        stderr,
+        stdin: stdin_w,
+        stdout: out_r,
+        stderr: err_r,
         started,
     })
 }
@@ -452,11 +448,15 @@ impl Supervisor {
 
         // 5. Remove the directory, then report.
         let dir = self.dir;
-        let cleanup_error = match tokio::task::spawn_blocking(move || dir.remove()).await {
-            Ok(Ok(report)) if report.skipped_mounts.is_empty() => None,
-            Ok(Ok(report)) => Some(format!("mount points left in place: {:?}", report.skipped_mounts)),
-            Ok(Err(e)) => Some(e.to_string()),
-            Err(e) => Some(format!("cleanup task failed: {e}")),
+        let cleanup_error = if dir.remove_if_empty() {
+            None
+        } else {
+            match tokio::task::spawn_blocking(move || dir.remove()).await {
+                Ok(Ok(report)) if report.skipped_mounts.is_empty() => None,
+                Ok(Ok(report)) => Some(format!("mount points left in place: {:?}", report.skipped_mounts)),
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(e) => Some(format!("cleanup task failed: {e}")),
+            }
         };
         if let Some(e) = &cleanup_error {
             tracing::warn!(build = %self.id, error = %e, "build directory not fully removed");

@@ -14,6 +14,7 @@ pub mod cleanup;
 mod executor;
 pub mod reaper;
 pub mod shell;
+pub mod spawn;
 pub mod statedir;
 pub mod status;
 

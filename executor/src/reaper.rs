@@ -86,15 +86,36 @@ impl Reaper {
         Ok(reaper.clone())
     }
 
-    /// Spawns `cmd` and registers its pid; the receiver yields its status.
-    pub fn spawn(&self, cmd: &mut Command) -> io::Result<(Child, oneshot::Receiver<ChildStatus>)> {
+    /// Runs `spawn` (which returns the new child's pid) under the reaper's lock and
+    /// registers the pid; the receiver yields its status. The lock keeps the reaper from
+    /// reaping the child before it is registered, and from stealing a failed child that
+    /// the spawn function reaps itself (glibc's `posix_spawn`, std's `Command::spawn`).
+    pub fn spawn_with<E>(
+        &self,
+        spawn: impl FnOnce() -> Result<i32, E>,
+    ) -> Result<(i32, oneshot::Receiver<ChildStatus>), E> {
         let mut waiters = self.inner.lock();
-        let child = cmd.spawn()?;
+        let pid = spawn()?;
         let (tx, rx) = oneshot::channel();
-        waiters.insert(child.id() as i32, tx);
+        waiters.insert(pid, tx);
         drop(waiters);
         self.inner.spawned.notify_one();
-        Ok((child, rx))
+        Ok((pid, rx))
+    }
+
+    /// Spawns `cmd` and registers its pid (see [`Reaper::spawn_with`]). The returned
+    /// `Child` must never be waited for: the receiver yields its status.
+    pub fn spawn(&self, cmd: &mut Command) -> io::Result<(Child, oneshot::Receiver<ChildStatus>)> {
+        let mut child = None;
+        let (_, rx) = self.spawn_with(|| {
+            let c = cmd.spawn()?;
+            let pid = c.id() as i32;
+            child = Some(c);
+            Ok::<_, io::Error>(pid)
+        })?;
+        child
+            .map(|c| (c, rx))
+            .ok_or_else(|| io::Error::other("spawn returned no child"))
     }
 
     /// A receiver that changes whenever any process was reaped.

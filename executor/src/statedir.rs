@@ -135,6 +135,15 @@ pub struct BuildDir {
 }
 
 impl BuildDir {
+    /// Removes the dir if the build left its work and tmp dirs empty: three `rmdir`s,
+    /// cheap enough to do in place. Returns false (having removed what it could) when
+    /// anything is left, and the caller then runs [`BuildDir::remove`].
+    pub fn remove_if_empty(&self) -> bool {
+        [&self.work, &self.tmp, &self.root]
+            .into_iter()
+            .all(|dir| std::fs::remove_dir(dir).is_ok())
+    }
+
     /// Removes the whole build dir, whatever the build left in it (read-only
     /// entries, symlinks, ...), with [`remove_tree`]. Mount points inside are
     /// left alone and listed in the report.

@@ -79,7 +79,7 @@ impl Builds {
                 StartError::NotFound { .. } => ErrorKind::CommandNotFound,
                 StartError::NotExecutable { .. } => ErrorKind::NotExecutable,
                 StartError::NoShell => ErrorKind::CommandNotFound,
-                StartError::EmptyCommand | StartError::BadWorkdir { .. } => ErrorKind::BadRequest,
+                StartError::EmptyCommand | StartError::Nul | StartError::BadWorkdir { .. } => ErrorKind::BadRequest,
                 StartError::BuildDir(_) | StartError::Io(_) => ErrorKind::Internal,
             };
             error(Some(req), None, kind, e.to_string())
