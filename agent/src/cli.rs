@@ -1,9 +1,12 @@
 //! Command-line interface (clap). Parsing only: every command's behaviour lives in
 //! `daemon` or `client`.
 
+use std::ffi::OsString;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use clap::builder::{OsStringValueParser, TypedValueParser};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
@@ -79,12 +82,12 @@ pub struct RunArgs {
     #[command(flatten)]
     pub connect: ConnectArgs,
     /// Set an environment variable for the build (repeatable).
-    #[arg(long = "env", short = 'e', value_name = "K=V", value_parser = parse_env)]
-    pub env: Vec<(String, String)>,
+    #[arg(long = "env", short = 'e', value_name = "K=V", value_parser = env_parser())]
+    pub env: Vec<(OsString, OsString)>,
     /// Run in this directory, relative to the build's private work dir.
     #[arg(long, value_name = "DIR")]
     pub workdir: Option<PathBuf>,
-    /// Cancel the build after this long (exit status 124).
+    /// Cancel the build after this long (exit status 124); 0 means no timeout.
     #[arg(long, value_name = "DUR", value_parser = parse_duration)]
     pub timeout: Option<Duration>,
     /// Time between SIGTERM and SIGKILL on cancel and timeout (default: the daemon's).
@@ -106,13 +109,13 @@ pub struct RunArgs {
         conflicts_with = "argv",
         required_unless_present = "argv"
     )]
-    pub sh: Option<String>,
+    pub sh: Option<OsString>,
     /// The shell for `--sh` instead of the one found.
     #[arg(long, value_name = "PATH", requires = "sh")]
     pub shell: Option<PathBuf>,
     /// The command to run, directly (no shell).
     #[arg(last = true, value_name = "ARGV")]
-    pub argv: Vec<std::ffi::OsString>,
+    pub argv: Vec<OsString>,
 }
 
 /// Parses `10s`, `1m30s`, `250ms`, or a bare number of seconds.
@@ -127,11 +130,20 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e}"))
 }
 
-fn parse_env(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+/// `K=V` as raw bytes: values need not be UTF-8.
+fn parse_env(s: OsString) -> Result<(OsString, OsString), String> {
+    let bytes = s.as_bytes();
+    match bytes.iter().position(|&b| b == b'=') {
+        Some(i) if i > 0 => Ok((
+            OsString::from_vec(bytes[..i].to_vec()),
+            OsString::from_vec(bytes[i + 1..].to_vec()),
+        )),
         _ => Err(format!("expected K=V, got {s:?}")),
     }
+}
+
+fn env_parser() -> impl TypedValueParser<Value = (OsString, OsString)> {
+    OsStringValueParser::new().try_map(parse_env)
 }
 
 #[cfg(test)]
@@ -150,9 +162,14 @@ mod tests {
 
     #[test]
     fn env_pairs() {
-        assert_eq!(parse_env("A=b=c"), Ok(("A".into(), "b=c".into())));
-        assert!(parse_env("=x").is_err());
-        assert!(parse_env("novalue").is_err());
+        assert_eq!(parse_env("A=b=c".into()), Ok(("A".into(), "b=c".into())));
+        let raw = OsString::from_vec(b"V=\xc3\x28".to_vec());
+        assert_eq!(
+            parse_env(raw),
+            Ok(("V".into(), OsString::from_vec(b"\xc3\x28".to_vec())))
+        );
+        assert!(parse_env("=x".into()).is_err());
+        assert!(parse_env("novalue".into()).is_err());
     }
 
     #[test]

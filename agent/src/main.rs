@@ -11,7 +11,10 @@ use clap::Parser;
 use cli::{Cli, Command, LogFormat};
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => std::process::exit(usage_error(e)),
+    };
     let code = match cli.command {
         Command::Serve(args) => serve(args),
         Command::Run(args) => {
@@ -53,6 +56,21 @@ fn serve(args: cli::ServeArgs) -> i32 {
             1
         }
     }
+}
+
+/// `--help` and `--version` print and exit 0; any other command-line error is tether's
+/// own failure: one line on stderr and exit 125, never a status a build could have.
+fn usage_error(e: clap::Error) -> i32 {
+    use clap::error::ErrorKind;
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        let _ = e.print();
+        return 0;
+    }
+    let text = e.to_string();
+    let first = text.lines().next().unwrap_or("invalid command line");
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    eprintln!("tether: {first} (see tether --help)");
+    client::exit::TETHER_FAILED
 }
 
 /// Runs a client command; any error is tether's own failure (exit 125) with a one-line

@@ -113,6 +113,8 @@ pub enum StartError {
 #[derive(Clone, Debug)]
 pub struct BuildControl {
     tx: mpsc::UnboundedSender<bool>,
+    /// One per stream (stdout, stderr): set to stop reading that pipe.
+    close: std::sync::Arc<[watch::Sender<bool>; 2]>,
 }
 
 impl BuildControl {
@@ -120,6 +122,20 @@ impl BuildControl {
     pub fn cancel(&self, force: bool) {
         // A send error means the build already finished.
         let _ = self.tx.send(force);
+    }
+
+    /// Stops reading one of the build's output streams and closes tether's end of its
+    /// pipe, so the build's next write there fails with EPIPE (SIGPIPE by default), as in
+    /// a local pipeline whose reader went away (`tether run -- yes | head -1`).
+    pub fn close_output(&self, stream: Stream) {
+        let _ = self.close[stream_index(stream)].send(true);
+    }
+}
+
+fn stream_index(stream: Stream) -> usize {
+    match stream {
+        Stream::Stdout => 0,
+        Stream::Stderr => 1,
     }
 }
 
@@ -326,6 +342,8 @@ fn supervise(spec: BuildSpec, launch: Launch<'_>, s: Spawned) -> Build {
     let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
     let (control_tx, control_rx) = mpsc::unbounded_channel();
     let (finishing_tx, finishing_rx) = watch::channel(false);
+    let (close_out, close_out_rx) = watch::channel(false);
+    let (close_err, close_err_rx) = watch::channel(false);
 
     let stdin = s.stdin.and_then(|fd| match pipe::Sender::from_owned_fd(fd) {
         Ok(pipe) => Some(BuildStdin { pipe }),
@@ -334,13 +352,17 @@ fn supervise(spec: BuildSpec, launch: Launch<'_>, s: Spawned) -> Build {
             None
         }
     });
-    let readers = [(Stream::Stdout, s.stdout), (Stream::Stderr, s.stderr)].map(|(stream, fd)| {
+    let readers = [
+        (Stream::Stdout, s.stdout, close_out_rx),
+        (Stream::Stderr, s.stderr, close_err_rx),
+    ]
+    .map(|(stream, fd, close)| {
         let tx = events_tx.clone();
         let finishing = finishing_rx.clone();
         let chunk = launch.chunk_size;
         tokio::spawn(async move {
             match pipe::Receiver::from_owned_fd(fd) {
-                Ok(rx) => read_stream(stream, rx, tx, finishing, chunk).await,
+                Ok(rx) => read_stream(stream, rx, tx, finishing, close, chunk).await,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot read the build's output pipe");
                     0
@@ -356,7 +378,10 @@ fn supervise(spec: BuildSpec, launch: Launch<'_>, s: Spawned) -> Build {
         work_dir: s.cwd,
         stdin,
         events: events_rx,
-        control: BuildControl { tx: control_tx },
+        control: BuildControl {
+            tx: control_tx,
+            close: std::sync::Arc::new([close_out, close_err]),
+        },
     };
     let ctx = Supervisor {
         pgid: Pid::from_raw(s.pid as i32),
@@ -541,12 +566,18 @@ async fn read_stream(
     mut rx: pipe::Receiver,
     tx: mpsc::Sender<BuildEvent>,
     mut finishing: watch::Receiver<bool>,
+    mut close: watch::Receiver<bool>,
     chunk: usize,
 ) -> u64 {
     let mut offset = 0u64;
     let mut buf = Vec::with_capacity(chunk);
+    let mut close_open = true;
     loop {
         buf.clear();
+        if *close.borrow_and_update() {
+            // Dropping `rx` closes our end: the build's next write gets EPIPE.
+            break;
+        }
         let read = if *finishing.borrow() {
             match tokio::time::timeout(DRAIN_WAIT, rx.read_buf(&mut buf)).await {
                 Ok(r) => r,
@@ -555,6 +586,11 @@ async fn read_stream(
         } else {
             tokio::select! {
                 r = rx.read_buf(&mut buf) => r,
+                changed = close.changed(), if close_open => {
+                    // Every BuildControl is gone: nobody can close the stream any more.
+                    close_open = changed.is_ok();
+                    continue;
+                }
                 changed = finishing.changed() => {
                     if changed.is_err() {
                         break; // the supervisor is gone: nobody will drain the rest

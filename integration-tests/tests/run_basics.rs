@@ -317,8 +317,6 @@ fn non_utf8_argv_and_workdir_pass_through_unchanged() {
 }
 
 #[test]
-#[ignore = "bug: tether run refuses non-UTF-8 --env values and --sh scripts (clap usage error, exit 2) \
-            although the protocol and executor carry them as bytes"]
 fn non_utf8_env_and_script_pass_through_unchanged() {
     use std::ffi::OsStr;
     use std::os::unix::ffi::OsStrExt;
@@ -333,8 +331,6 @@ fn non_utf8_env_and_script_pass_through_unchanged() {
 }
 
 #[test]
-#[ignore = "bug: command-line errors of tether run exit 2 (clap's default) with multi-line usage, \
-            colliding with a build's own exit 2; README says tether's own failures are 125 (as docker run)"]
 fn command_line_errors_are_125_not_a_build_status() {
     for args in [
         &["--bogus-flag", "--", "true"][..],
@@ -399,8 +395,6 @@ fn the_clients_stdout_pipe_is_not_made_non_blocking() {
 }
 
 #[test]
-#[ignore = "bug: when the client's stdout closes early (`| head`) tether run exits 125 \
-            'tether: Broken pipe' and cancels the build, though run.rs says the build's status stands"]
 fn closing_the_clients_stdout_early_keeps_the_builds_status() {
     let mut cmd = tether(["run", "--sh", "echo ready; yes | head -c 50000000; exit 7"]);
     cmd.stdin(Stdio::null()).stdout(Stdio::piped());
@@ -418,4 +412,28 @@ fn closing_the_clients_stdout_early_keeps_the_builds_status() {
     };
     let st = p.wait_timeout(TIMEOUT).expect("the client exits");
     assert_eq!(st.code(), Some(7), "stderr: {}", p.stderr.text());
+}
+
+#[test]
+fn a_reader_that_goes_away_ends_the_build_with_sigpipe_as_in_a_local_pipeline() {
+    // `tether run -- yes | head -1`: once our stdout is closed, the daemon closes the
+    // build's stdout pipe, and `yes` dies of SIGPIPE instead of running forever.
+    let mut cmd = tether(["run", "--", "yes"]);
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped());
+    let mut child = cmd.stderr(Stdio::piped()).spawn().unwrap();
+    let err = integration_tests::Collector::spawn(child.stderr.take().unwrap());
+    let mut out = child.stdout.take().unwrap();
+    let mut first = [0u8; 2];
+    std::io::Read::read_exact(&mut out, &mut first).unwrap();
+    assert_eq!(&first, b"y\n");
+    drop(out);
+    let mut p = Proc {
+        child,
+        stdout: integration_tests::Collector::default(),
+        stderr: err,
+    };
+    let st = p
+        .wait_timeout(TIMEOUT)
+        .expect("the client exits once the build died of SIGPIPE");
+    assert_eq!(st.code(), Some(128 + 13), "stderr: {}", p.stderr.text());
 }

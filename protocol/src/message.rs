@@ -48,6 +48,11 @@ pub enum ClientMessage {
         build: BuildId,
         force: bool,
     },
+    /// Tag 7. The client can no longer deliver this output stream (its own stdout was
+    /// closed, as in `tether run -- yes | head -1`): the daemon stops reading it and closes
+    /// its end of the build's pipe, so the build's next write there fails with EPIPE, as
+    /// in a local pipeline. No reply.
+    CloseOutput { build: BuildId, stream: OutputStream },
 }
 
 /// Daemon to client.

@@ -108,6 +108,14 @@ fn client_message() -> impl Strategy<Value = ClientMessage> {
         (build_id(), bytes()).prop_map(|(build, data)| ClientMessage::Stdin { build, data }),
         build_id().prop_map(|build| ClientMessage::CloseStdin { build }),
         (int(), build_id(), any::<bool>()).prop_map(|(req, build, force)| ClientMessage::Cancel { req, build, force }),
+        (build_id(), any::<bool>()).prop_map(|(build, err)| ClientMessage::CloseOutput {
+            build,
+            stream: if err {
+                OutputStream::Stderr
+            } else {
+                OutputStream::Stdout
+            },
+        }),
     ]
     .prop_filter("fits in a frame", fits)
 }

@@ -24,6 +24,7 @@ fn client_tag(m: &ClientMessage) -> u8 {
         ClientMessage::Stdin { .. } => 4,
         ClientMessage::CloseStdin { .. } => 5,
         ClientMessage::Cancel { .. } => 6,
+        ClientMessage::CloseOutput { .. } => 7,
     }
 }
 
@@ -42,7 +43,7 @@ fn daemon_tag(m: &DaemonMessage) -> u8 {
     }
 }
 
-const CLIENT_TAGS: u8 = 7;
+const CLIENT_TAGS: u8 = 8;
 const DAEMON_TAGS: u8 = 9;
 
 fn all_error_kinds() -> Vec<ErrorKind> {
@@ -151,6 +152,10 @@ fn client_messages() -> Vec<ClientMessage> {
             req: 10,
             build: build(""),
             force: true,
+        },
+        ClientMessage::CloseOutput {
+            build: build("b-1"),
+            stream: OutputStream::Stderr,
         },
     ]
 }

@@ -20,6 +20,8 @@ pub struct Output {
     json: bool,
     /// Next expected offset of stdout and stderr.
     next: [u64; 2],
+    /// Streams whose destination was found closed.
+    closed: [bool; 2],
 }
 
 fn index(stream: OutputStream) -> usize {
@@ -46,6 +48,7 @@ impl Output {
             stderr,
             json,
             next: [0; 2],
+            closed: [false; 2],
         })
     }
 
@@ -64,18 +67,18 @@ impl Output {
             .await
     }
 
-    /// Writes a chunk, skipping any part already written.
-    pub async fn chunk(
-        &mut self,
-        build: &str,
-        stream: OutputStream,
-        offset: u64,
-        data: Vec<u8>,
-    ) -> std::io::Result<()> {
+    /// Writes a chunk, skipping any part already written. Returns the build streams that
+    /// this write found undeliverable (our stdout or stderr was closed): the caller asks
+    /// the daemon to close them at the build's end too, and later chunks of them are
+    /// dropped here.
+    pub async fn chunk(&mut self, build: &str, stream: OutputStream, offset: u64, data: Vec<u8>) -> Vec<OutputStream> {
+        if self.closed[index(stream)] {
+            return Vec::new();
+        }
         let next = &mut self.next[index(stream)];
         let end = offset + data.len() as u64;
         if end <= *next {
-            return Ok(());
+            return Vec::new();
         }
         let skip = next.saturating_sub(offset) as usize;
         let gap = offset.saturating_sub(*next);
@@ -97,11 +100,25 @@ impl Output {
                     v["data_base64"] = Value::String(base64::engine::general_purpose::STANDARD.encode(e.as_bytes()))
                 }
             }
-            return self.line(v).await;
+            if let Err(e) = self.line(v).await {
+                // Both build streams went to our stdout.
+                tracing::debug!(error = %e, "stdout closed");
+                self.closed = [true; 2];
+                return vec![OutputStream::Stdout, OutputStream::Stderr];
+            }
+            return Vec::new();
         }
-        match stream {
+        let written = match stream {
             OutputStream::Stdout => self.stdout.write(&mut data).await,
             OutputStream::Stderr => self.stderr.write(&mut data).await,
+        };
+        match written {
+            Ok(()) => Vec::new(),
+            Err(e) => {
+                tracing::debug!(error = %e, ?stream, "our output closed");
+                self.closed[index(stream)] = true;
+                vec![stream]
+            }
         }
     }
 

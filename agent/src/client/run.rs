@@ -42,7 +42,8 @@ fn spec(args: &RunArgs) -> RunSpec {
             })
             .collect(),
         workdir: args.workdir.as_ref().map(|w| bytes(w.as_os_str().as_bytes())),
-        timeout_ms: args.timeout.map(|t| t.as_millis() as u64),
+        // As with timeout(1), a zero duration disables the timeout.
+        timeout_ms: args.timeout.filter(|t| !t.is_zero()).map(|t| t.as_millis() as u64),
         grace_ms: args.grace.map(|t| t.as_millis() as u64),
         stdin: args.interactive,
         name: args.name.clone(),
@@ -133,7 +134,9 @@ async fn follow(conn: &mut Connection, out: &mut Output, args: &RunArgs) -> anyh
                 match msg {
                     DaemonMessage::Started(s) if s.req == RUN_REQ => {
                         tracing::debug!(build = %s.build, pid = s.pid, "started");
-                        out.started(&s).await?;
+                        if let Err(e) = out.started(&s).await {
+                            tracing::debug!(error = %e, "stdout closed");
+                        }
                         build = Some(s.build.clone());
                         if cancels > 0 {
                             send_cancel(conn, &s.build, cancels > 1).await?;
@@ -149,11 +152,15 @@ async fn follow(conn: &mut Connection, out: &mut Output, args: &RunArgs) -> anyh
                         }
                     }
                     DaemonMessage::Output { build: b, stream, offset, data } if Some(&b) == build.as_ref() => {
-                        out.chunk(&b.0, stream, offset, data.into_vec()).await?;
+                        for closed in out.chunk(&b.0, stream, offset, data.into_vec()).await {
+                            conn.writer.send(&ClientMessage::CloseOutput { build: b.clone(), stream: closed }).await?;
+                        }
                     }
                     DaemonMessage::Exited(e) if Some(&e.build) == build.as_ref() => {
                         let code = exit::for_exited(&e);
-                        out.exited(&e, code).await?;
+                        if let Err(e) = out.exited(&e, code).await {
+                            tracing::debug!(error = %e, "stdout closed");
+                        }
                         return Ok(code);
                     }
                     DaemonMessage::StdinAck { build: b, consumed } if Some(&b) == build.as_ref() => {
@@ -163,7 +170,9 @@ async fn follow(conn: &mut Connection, out: &mut Output, args: &RunArgs) -> anyh
                     }
                     DaemonMessage::Error(e) if e.req == Some(RUN_REQ) => {
                         let code = exit::for_error(e.kind);
-                        out.error(&format!("{:?}", e.kind), &e.message).await?;
+                        if let Err(err) = out.error(&format!("{:?}", e.kind), &e.message).await {
+                            tracing::debug!(error = %err, "stdout closed");
+                        }
                         eprintln!("tether: {}", e.message);
                         return Ok(code);
                     }

@@ -172,6 +172,23 @@ impl Builds {
         }
     }
 
+    /// Stops reading one output stream of a build and closes tether's end of its pipe.
+    pub fn close_output(&self, build: &BuildId, stream: wire::OutputStream) -> Result<(), ErrorReport> {
+        match self.lock().get(build) {
+            Some(entry) => {
+                tracing::info!(build = %build, ?stream, "client closed its output; closing the build's pipe");
+                entry.control.close_output(convert::stream_from_wire(stream));
+                Ok(())
+            }
+            None => Err(error(
+                None,
+                Some(build.clone()),
+                ErrorKind::UnknownBuild,
+                format!("no build {build}"),
+            )),
+        }
+    }
+
     /// Cancels one build; false if there is no such build.
     pub fn cancel(&self, build: &BuildId, force: bool) -> bool {
         match self.lock().get(build) {

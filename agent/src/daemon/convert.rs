@@ -58,6 +58,13 @@ pub fn stream(s: Stream) -> wire::OutputStream {
     }
 }
 
+pub fn stream_from_wire(s: wire::OutputStream) -> Stream {
+    match s {
+        wire::OutputStream::Stdout => Stream::Stdout,
+        wire::OutputStream::Stderr => Stream::Stderr,
+    }
+}
+
 pub fn exited(build: wire::BuildId, o: &BuildOutcome) -> wire::Exited {
     let status = match o.status {
         Some(ChildStatus::Exited(code)) => wire::ExitStatus::Code(code),

@@ -66,6 +66,11 @@ impl Session {
                     self.out.control(DaemonMessage::Error(e)).await;
                 }
             }
+            ClientMessage::CloseOutput { build, stream } => {
+                if let Err(e) = self.daemon.builds.close_output(&build, stream) {
+                    self.out.control(DaemonMessage::Error(e)).await;
+                }
+            }
             ClientMessage::Cancel { req, build, force } => {
                 if self.daemon.builds.cancel(&build, force) {
                     self.out.control(DaemonMessage::Ack { req }).await;
