@@ -12,7 +12,7 @@ use base64::Engine;
 use serde_json::{json, Value};
 use tether_protocol::{EndCause, ExitStatus, Exited, OutputStream, Started};
 
-use crate::wire::{Fallback, Sink};
+use crate::wire::Sink;
 
 pub struct Output {
     stdout: Sink,
@@ -33,16 +33,8 @@ fn index(stream: OutputStream) -> usize {
 
 impl Output {
     pub fn new(json: bool) -> std::io::Result<Output> {
-        let stdout = Sink::for_fd(
-            std::io::stdout().as_fd().try_clone_to_owned()?,
-            "stdout",
-            Fallback::Direct,
-        )?;
-        let stderr = Sink::for_fd(
-            std::io::stderr().as_fd().try_clone_to_owned()?,
-            "stderr",
-            Fallback::Direct,
-        )?;
+        let stdout = Sink::direct(std::io::stdout().as_fd().try_clone_to_owned()?);
+        let stderr = Sink::direct(std::io::stderr().as_fd().try_clone_to_owned()?);
         Ok(Output {
             stdout,
             stderr,

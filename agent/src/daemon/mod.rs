@@ -23,7 +23,7 @@ use tether_protocol::{self as wire, ClientMessage};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
-use crate::wire::{read_blocking, Fallback, Sink};
+use crate::wire::{read_blocking, Sink};
 use builds::Builds;
 
 /// How the daemon runs (from `tether serve`'s flags).
@@ -83,7 +83,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         .name("stdin-reader".into())
         .spawn(move || read_blocking(std::fs::File::from(frames_in), tx))
         .context("cannot start the stdin reader")?;
-    let sink = Sink::for_fd(frames_out, "stdout-writer", Fallback::Thread).context("cannot start the stdout writer")?;
+    let sink = Sink::thread(frames_out, "stdout-writer").context("cannot start the stdout writer")?;
     let mut stdio = connection::Connection::spawn(Arc::clone(&daemon), rx, sink);
 
     let mut sigterm = signal(SignalKind::terminate())?;

@@ -9,7 +9,7 @@ pub mod inbound;
 pub mod sink;
 
 pub use inbound::{read_async, read_blocking, Inbound};
-pub use sink::{Fallback, Sink};
+pub use sink::Sink;
 
 use tether_protocol::{encode_frame, EncodeError};
 

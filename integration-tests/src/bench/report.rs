@@ -53,7 +53,7 @@ pub fn percentile(values: &[f64], p: f64) -> f64 {
 /// What a row must show to meet the project's goal.
 #[derive(Debug, Clone, Copy)]
 pub enum Goal {
-    /// tether's median divided by the baseline's median must be at least this.
+    /// tether over the baseline ([`Row::ratio`]) must be at least this.
     RatioAtLeast(f64),
     /// tether's median must be at most this (in the row's unit).
     AtMost(f64),
@@ -79,9 +79,17 @@ pub struct Row {
 }
 
 impl Row {
-    /// tether's median over the baseline's.
+    /// tether over the baseline. When both have one sample per repetition (run as
+    /// interleaved pairs), the median of the per-pair ratios: each pair ran back to back
+    /// under the same machine conditions, so drift between repetitions (other load on a
+    /// shared machine) cancels out. Otherwise the ratio of the medians.
     pub fn ratio(&self) -> Option<f64> {
         let (_, b) = self.baseline.as_ref()?;
+        let (t, bs) = (&self.tether.samples, &b.samples);
+        if t.len() == bs.len() && !t.is_empty() && bs.iter().all(|&x| x != 0.0) {
+            let pairs: Vec<f64> = t.iter().zip(bs).map(|(t, b)| t / b).collect();
+            return Stats::of(pairs).map(|s| s.median);
+        }
         (b.median != 0.0).then(|| self.tether.median / b.median)
     }
 
