@@ -333,12 +333,7 @@ impl Proc {
 
     /// Waits (at most `timeout`) for the child to exit; `None` if it still runs.
     pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let mut status = None;
-        wait_until(timeout, || {
-            status = self.child.try_wait().expect("try_wait");
-            status.is_some()
-        });
-        status
+        wait_child(&mut self.child, timeout)
     }
 
     /// Waits for the exit (a test failure after `timeout`) and for the ends of its
@@ -580,12 +575,7 @@ impl Serve {
 
     /// Waits (at most `timeout`) for the daemon to exit.
     pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let mut status = None;
-        wait_until(timeout, || {
-            status = self.child.try_wait().expect("try_wait");
-            status.is_some()
-        });
-        status
+        wait_child(&mut self.child, timeout)
     }
 }
 
@@ -614,18 +604,17 @@ pub fn frame(msg: &ClientMessage) -> Vec<u8> {
     buf
 }
 
+/// Waits (at most `timeout`) for `child` to exit; `None` if it still runs.
+pub fn wait_child(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let mut status = None;
+    wait_until(timeout, || {
+        status = child.try_wait().expect("try_wait");
+        status.is_some()
+    });
+    status
+}
+
 /// A `RunSpec` for a shell script with defaults for everything else.
 pub fn script_spec(script: &str) -> tether_protocol::RunSpec {
-    tether_protocol::RunSpec {
-        command: tether_protocol::CommandSpec::Script {
-            script: script.as_bytes().into(),
-            shell: None,
-        },
-        env: Vec::new(),
-        workdir: None,
-        timeout_ms: None,
-        grace_ms: None,
-        stdin: false,
-        name: None,
-    }
+    tether_protocol::RunSpec::new(tether_protocol::CommandSpec::script(script))
 }

@@ -147,6 +147,37 @@ pub struct RunSpec {
     pub name: Option<String>,
 }
 
+impl RunSpec {
+    /// Runs `command` with everything else at its default: the daemon's environment,
+    /// the work dir, no timeout, the daemon's grace period, stdin from /dev/null.
+    pub fn new(command: CommandSpec) -> RunSpec {
+        RunSpec {
+            command,
+            env: Vec::new(),
+            workdir: None,
+            timeout_ms: None,
+            grace_ms: None,
+            stdin: false,
+            name: None,
+        }
+    }
+}
+
+impl CommandSpec {
+    /// An argv run directly.
+    pub fn argv<A: AsRef<[u8]>>(argv: impl IntoIterator<Item = A>) -> CommandSpec {
+        CommandSpec::Argv(argv.into_iter().map(|a| Bytes::from(a.as_ref())).collect())
+    }
+
+    /// A script run by the shell the daemon finds.
+    pub fn script(script: impl AsRef<[u8]>) -> CommandSpec {
+        CommandSpec::Script {
+            script: Bytes::from(script.as_ref()),
+            shell: None,
+        }
+    }
+}
+
 /// An argv run directly, or a script run by a shell.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CommandSpec {

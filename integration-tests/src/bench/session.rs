@@ -66,15 +66,7 @@ pub struct BuildRun {
 
 /// A spec that runs `argv` directly, without stdin, with the daemon's defaults.
 pub fn argv_spec(argv: &[&str]) -> RunSpec {
-    RunSpec {
-        command: wire::CommandSpec::Argv(argv.iter().map(|a| wire::Bytes::from(a.as_bytes().to_vec())).collect()),
-        env: Vec::new(),
-        workdir: None,
-        timeout_ms: None,
-        grace_ms: None,
-        stdin: false,
-        name: None,
-    }
+    RunSpec::new(wire::CommandSpec::argv(argv))
 }
 
 impl Session {
