@@ -26,6 +26,31 @@ pub enum Command {
     Serve(ServeArgs),
     /// Run a build through a daemon and stream its output; exits with its status.
     Run(RunArgs),
+    /// List the builds a daemon is running.
+    Ps(PsArgs),
+    /// Cancel a running build: SIGTERM to its process group, SIGKILL after its grace.
+    Cancel(CancelArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PsArgs {
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+    /// One JSON object per build, one per line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CancelArgs {
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+    /// The build's id (from `tether ps` or `--json`'s started event).
+    #[arg(value_name = "ID")]
+    pub id: String,
+    /// SIGKILL at once instead of SIGTERM and the grace period.
+    #[arg(long)]
+    pub kill: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -56,9 +81,15 @@ pub struct ServeArgs {
     /// Default time between SIGTERM and SIGKILL when a build is cancelled or times out.
     #[arg(long, value_name = "DUR", default_value = "10s", value_parser = parse_duration)]
     pub grace: Duration,
-    /// Also serve on a Unix socket (not yet supported).
+    /// Also serve on this Unix socket (e.g. on the pod's shared workspace volume).
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
+    /// Admit socket clients with this uid besides the daemon's own (repeatable).
+    #[arg(long = "allow-uid", value_name = "UID", requires = "socket")]
+    pub allow_uids: Vec<u32>,
+    /// Admit socket clients with this primary gid (repeatable).
+    #[arg(long = "allow-gid", value_name = "GID", requires = "socket")]
+    pub allow_gids: Vec<u32>,
     #[command(flatten)]
     pub log: LogArgs,
 }
@@ -69,7 +100,7 @@ pub struct ConnectArgs {
     /// (e.g. `kubectl attach -i POD -c CTR`, `ssh host tether serve`).
     #[arg(long, value_name = "CMD", conflicts_with = "socket")]
     pub via: Option<String>,
-    /// Speak to a daemon on this Unix socket (not yet supported).
+    /// Speak to a daemon on this Unix socket (`tether serve --socket`).
     #[arg(long, value_name = "PATH", env = "TETHER_SOCKET")]
     pub socket: Option<PathBuf>,
     /// More of tether's own messages on stderr (repeat for more).

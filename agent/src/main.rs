@@ -18,28 +18,40 @@ fn main() {
     let code = match cli.command {
         Command::Serve(args) => serve(args),
         Command::Run(args) => {
-            let level = match args.connect.verbose {
-                0 => "warn",
-                1 => "info",
-                _ => "debug",
-            };
-            logging::init(level, LogFormat::Text);
+            client_logging(args.connect.verbose);
             client_main(client::run::run(args))
+        }
+        Command::Ps(args) => {
+            client_logging(args.connect.verbose);
+            client_main(client::ps::ps(args))
+        }
+        Command::Cancel(args) => {
+            client_logging(args.connect.verbose);
+            client_main(client::cancel::cancel(args))
         }
     };
     std::process::exit(code);
 }
 
+/// Client commands are quiet unless something fails; `-v`, `-vv` for more.
+fn client_logging(verbose: u8) {
+    let level = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    logging::init(level, LogFormat::Text);
+}
+
 fn serve(args: cli::ServeArgs) -> i32 {
     logging::init(args.log.log_level.as_deref().unwrap_or("info"), args.log.log_format);
-    if args.socket.is_some() {
-        eprintln!("tether: --socket is not yet supported");
-        return 2;
-    }
     let opts = daemon::ServeOptions {
         state_dir: args.state_dir,
         exit_on_eof: args.exit_on_eof,
         grace: args.grace,
+        socket: args.socket,
+        allow_uids: args.allow_uids,
+        allow_gids: args.allow_gids,
     };
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -52,7 +64,6 @@ fn serve(args: cli::ServeArgs) -> i32 {
         Ok(()) => 0,
         Err(e) => {
             tracing::error!("{e:#}");
-            eprintln!("tether: {e:#}");
             1
         }
     }

@@ -53,6 +53,8 @@ pub enum ClientMessage {
     /// its end of the build's pipe, so the build's next write there fails with EPIPE, as
     /// in a local pipeline. No reply.
     CloseOutput { build: BuildId, stream: OutputStream },
+    /// Tag 8. List the daemon's builds; answered by [`DaemonMessage::Builds`].
+    List { req: RequestId },
 }
 
 /// Daemon to client.
@@ -82,6 +84,8 @@ pub enum DaemonMessage {
     StdinAck { build: BuildId, consumed: u64 },
     /// Tag 8. A request without a richer answer succeeded.
     Ack { req: RequestId },
+    /// Tag 9. Answer to [`ClientMessage::List`]: the running builds, of any session.
+    Builds { req: RequestId, builds: Vec<BuildSummary> },
 }
 
 /// The client's opening message.
@@ -271,4 +275,6 @@ pub enum ErrorKind {
     Internal,
     /// A message that needs a session came before `Hello`.
     NoSession,
+    /// The peer may not use this daemon (socket peer credentials not allowed).
+    PermissionDenied,
 }

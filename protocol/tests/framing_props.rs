@@ -130,6 +130,7 @@ fn error_kind() -> impl Strategy<Value = ErrorKind> {
         Just(ErrorKind::NotExecutable),
         Just(ErrorKind::Internal),
         Just(ErrorKind::NoSession),
+        Just(ErrorKind::PermissionDenied),
     ]
 }
 

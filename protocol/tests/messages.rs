@@ -25,6 +25,7 @@ fn client_tag(m: &ClientMessage) -> u8 {
         ClientMessage::CloseStdin { .. } => 5,
         ClientMessage::Cancel { .. } => 6,
         ClientMessage::CloseOutput { .. } => 7,
+        ClientMessage::List { .. } => 8,
     }
 }
 
@@ -40,11 +41,12 @@ fn daemon_tag(m: &DaemonMessage) -> u8 {
         DaemonMessage::Exited(_) => 6,
         DaemonMessage::StdinAck { .. } => 7,
         DaemonMessage::Ack { .. } => 8,
+        DaemonMessage::Builds { .. } => 9,
     }
 }
 
-const CLIENT_TAGS: u8 = 8;
-const DAEMON_TAGS: u8 = 9;
+const CLIENT_TAGS: u8 = 9;
+const DAEMON_TAGS: u8 = 10;
 
 fn all_error_kinds() -> Vec<ErrorKind> {
     use ErrorKind::*;
@@ -57,12 +59,13 @@ fn all_error_kinds() -> Vec<ErrorKind> {
         NotExecutable,
         Internal,
         NoSession,
+        PermissionDenied,
     ];
     // Exhaustive: a new kind must be added to the list above.
     for k in &kinds {
         match k {
             VersionMismatch | Protocol | BadRequest | UnknownBuild | CommandNotFound | NotExecutable | Internal
-            | NoSession => {}
+            | NoSession | PermissionDenied => {}
         }
     }
     kinds
@@ -157,6 +160,7 @@ fn client_messages() -> Vec<ClientMessage> {
             build: build("b-1"),
             stream: OutputStream::Stderr,
         },
+        ClientMessage::List { req: 11 },
     ]
 }
 
@@ -228,6 +232,16 @@ fn daemon_messages() -> Vec<DaemonMessage> {
             consumed: 1 << 20,
         },
         DaemonMessage::Ack { req: 0 },
+        DaemonMessage::Builds { req: 4, builds: vec![] },
+        DaemonMessage::Builds {
+            req: 5,
+            builds: vec![BuildSummary {
+                build: build("b-1"),
+                command: "make all".into(),
+                pid: 42,
+                started_at_ms: 1_700_000_000_000,
+            }],
+        },
     ];
     let statuses = [
         ExitStatus::Code(0),
@@ -492,7 +506,8 @@ fn error_kind_tags() {
     assert_eq!(payload(&ErrorKind::VersionMismatch), [0]);
     assert_eq!(payload(&ErrorKind::Protocol), [1]);
     assert_eq!(payload(&ErrorKind::NoSession), [7]);
-    assert!(decode::<ErrorKind>(&[8]).is_err());
+    assert_eq!(payload(&ErrorKind::PermissionDenied), [8]);
+    assert!(decode::<ErrorKind>(&[9]).is_err());
 }
 
 #[test]
@@ -651,7 +666,7 @@ fn undecodable_payloads_are_decode_errors() {
     }
     let bad_daemon: Vec<Vec<u8>> = vec![
         vec![DAEMON_TAGS],
-        vec![1, 0, 0, 8, 0],                // Error with ErrorKind 8
+        vec![1, 0, 0, 9, 0],                // Error with ErrorKind 9
         vec![5, 1, b'b', 2, 0, 0],          // Output with OutputStream 2
         vec![6, 1, b'b', 2, 0, 0, 0, 0, 0], // Exited with ExitStatus 2
         vec![6, 1, b'b', 0, 0, 3, 0, 0, 0], // Exited with EndCause 3

@@ -15,8 +15,9 @@ use anyhow::{anyhow, bail, Context};
 use tether_protocol::{
     self as wire, check_welcome, ClientMessage, DaemonMessage, Hello, Welcome, PREAMBLE, SYNC_PAD_LEN,
 };
-use tokio::io::AsyncWriteExt;
-use tokio::process::{Child, ChildStdin, Command};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
 use crate::cli::ConnectArgs;
@@ -35,13 +36,14 @@ pub struct Connection {
     pub inbound: mpsc::Receiver<Inbound<DaemonMessage>>,
     pub writer: FrameWriter,
     pub welcome: Welcome,
-    child: Child,
+    /// The spawned daemon or `--via` command; `None` on a socket.
+    child: Option<Child>,
     what: String,
 }
 
 /// Sends frames to the daemon.
 pub struct FrameWriter {
-    stdin: ChildStdin,
+    stdin: Box<dyn AsyncWrite + Send + Unpin>,
     buf: Vec<u8>,
 }
 
@@ -60,13 +62,26 @@ impl FrameWriter {
     }
 }
 
+/// Opens a session with an existing daemon: `--via` or `--socket` (or `TETHER_SOCKET`)
+/// must say which; a private daemon would have nothing to show.
+pub async fn connect_existing(args: &ConnectArgs) -> anyhow::Result<Connection> {
+    if args.via.is_none() && args.socket.is_none() {
+        bail!("say which daemon: --via CMD, --socket PATH or TETHER_SOCKET");
+    }
+    connect(args).await
+}
+
 /// Opens a session as the arguments say.
 pub async fn connect(args: &ConnectArgs) -> anyhow::Result<Connection> {
-    if let Some(socket) = &args.socket {
-        bail!(
-            "--socket {} is not yet supported; use --via or no option",
-            socket.display()
-        );
+    if let Some(path) = &args.socket {
+        let stream = UnixStream::connect(path)
+            .await
+            .with_context(|| format!("cannot connect to the daemon's socket {}", path.display()))?;
+        let (read, write) = stream.into_split();
+        let (tx, inbound) = mpsc::channel(64);
+        tokio::spawn(read_async::<DaemonMessage>(read, tx));
+        let what = format!("the daemon on {}", path.display());
+        return handshake(inbound, Box::new(write), None, what, false).await;
     }
     let (mut cmd, what, pad) = match &args.via {
         Some(via) => {
@@ -96,7 +111,17 @@ pub async fn connect(args: &ConnectArgs) -> anyhow::Result<Connection> {
     };
     let (tx, inbound) = mpsc::channel(64);
     tokio::spawn(read_async::<DaemonMessage>(stdout, tx));
+    handshake(inbound, Box::new(stdin), Some(child), what, pad).await
+}
 
+/// Opens the session: (pad), preamble and Hello, then waits for Welcome.
+async fn handshake(
+    inbound: mpsc::Receiver<Inbound<DaemonMessage>>,
+    stdin: Box<dyn AsyncWrite + Send + Unpin>,
+    child: Option<Child>,
+    what: String,
+    pad: bool,
+) -> anyhow::Result<Connection> {
     let mut writer = FrameWriter { stdin, buf: Vec::new() };
     let mut opening = if pad { vec![0u8; SYNC_PAD_LEN] } else { Vec::new() };
     opening.extend_from_slice(PREAMBLE);
@@ -165,7 +190,10 @@ impl Connection {
                 // Replies to an earlier client on a taken-over stream, pad complaints.
                 Inbound::Message(_) | Inbound::Preamble | Inbound::Corrupt(_) | Inbound::Undecodable(_) => {}
                 Inbound::Eof(_) | Inbound::Failed(_) => {
-                    let status = tokio::time::timeout(Duration::from_secs(2), self.child.wait()).await;
+                    let Some(child) = &mut self.child else {
+                        bail!("{} closed the connection before answering", self.what);
+                    };
+                    let status = tokio::time::timeout(Duration::from_secs(2), child.wait()).await;
                     match status {
                         Ok(Ok(st)) => bail!("{} ended before the daemon answered ({st})", self.what),
                         _ => bail!("{} closed its output before the daemon answered", self.what),
@@ -175,20 +203,39 @@ impl Connection {
         }
     }
 
+    /// Sends `msg` and waits for the reply to request `req` (an `Error` with that `req`
+    /// becomes an error), skipping anything else.
+    pub async fn request(&mut self, msg: &ClientMessage, req: wire::RequestId) -> anyhow::Result<DaemonMessage> {
+        self.writer.send(msg).await?;
+        loop {
+            let Some(item) = self.inbound.recv().await else {
+                bail!("{} closed the connection", self.what);
+            };
+            match item {
+                Inbound::Message(DaemonMessage::Error(e)) if e.req == Some(req) => bail!("{}", e.message),
+                Inbound::Message(m @ (DaemonMessage::Builds { .. } | DaemonMessage::Ack { .. })) => return Ok(m),
+                Inbound::Message(DaemonMessage::Ping { nonce }) => {
+                    self.writer.send(&ClientMessage::Pong { nonce }).await?
+                }
+                Inbound::Eof(_) | Inbound::Failed(_) => bail!("{} closed the connection", self.what),
+                _ => {}
+            }
+        }
+    }
+
     /// A short description of what we are connected through.
     pub fn describe(&self) -> &str {
         &self.what
     }
 
-    /// Ends the session: closes the daemon's stdin and waits for the process (bounded).
+    /// Ends the session: closes the daemon's stdin (or the socket) and waits for the
+    /// spawned process, if any (bounded).
     pub async fn close(self) {
         let Connection {
-            writer,
-            mut child,
-            what,
-            ..
+            writer, child, what, ..
         } = self;
         drop(writer);
+        let Some(mut child) = child else { return };
         match tokio::time::timeout(CLOSE_TIMEOUT, child.wait()).await {
             Ok(Ok(st)) if !st.success() => tracing::debug!(%st, "{what} exited"),
             Ok(_) => {}
@@ -200,7 +247,9 @@ impl Connection {
     }
 
     async fn abort(&mut self) {
-        let _ = self.child.start_kill();
-        let _ = self.child.wait().await;
+        if let Some(child) = &mut self.child {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+        }
     }
 }

@@ -1,7 +1,9 @@
 //! The client commands: connect to a daemon, speak the protocol, map results to exit
 //! codes (the `docker run` / `timeout` conventions, see [`exit`]).
 
+pub mod cancel;
 pub mod connect;
 pub mod exit;
 pub mod output;
+pub mod ps;
 pub mod run;

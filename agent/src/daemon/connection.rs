@@ -124,7 +124,7 @@ async fn write_loop(mut sink: Sink, mut switch: mpsc::Receiver<OutboxRx>, mut st
             if let Err(e) = sink.write(&mut buf).await {
                 // Nobody reads any more. Keep consuming the queues so that builds and
                 // sessions never block on a dead stream.
-                tracing::warn!(error = %e, "output stream closed");
+                tracing::info!(error = %e, "output stream closed");
                 broken = true;
             }
         }

@@ -11,6 +11,7 @@ pub mod connection;
 pub mod convert;
 pub mod outbox;
 pub mod session;
+pub mod socket;
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
@@ -32,6 +33,10 @@ pub struct ServeOptions {
     pub state_dir: Option<PathBuf>,
     pub exit_on_eof: bool,
     pub grace: Duration,
+    /// Also serve on this Unix socket.
+    pub socket: Option<PathBuf>,
+    pub allow_uids: Vec<u32>,
+    pub allow_gids: Vec<u32>,
 }
 
 /// State shared by every session.
@@ -46,6 +51,8 @@ const INBOUND_QUEUE: usize = 64;
 
 /// Runs the daemon until stdin ends (with `exit_on_eof`) or SIGTERM/SIGINT.
 pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
+    // Bound first: a second daemon on a live socket fails before touching any state.
+    let listener = opts.socket.as_deref().map(socket::bind).transpose()?;
     let (frames_in, frames_out) = take_stdio().context("cannot set up stdin/stdout")?;
     become_subreaper();
     // When stdout is a pipe (runc, a spawning client), a larger one carries output with
@@ -85,6 +92,25 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         .context("cannot start the stdin reader")?;
     let sink = Sink::thread(frames_out, "stdout-writer").context("cannot start the stdout writer")?;
     let mut stdio = connection::Connection::spawn(Arc::clone(&daemon), rx, sink);
+    let (stop_sockets, sockets_stopped) = tokio::sync::watch::channel(false);
+    let socket_task = match (listener, &opts.socket) {
+        (Some(listener), Some(path)) => {
+            tracing::info!(socket = %path.display(), "serving on a Unix socket too");
+            let access = socket::Access {
+                own_uid: nix::unistd::geteuid().as_raw(),
+                allow_uids: opts.allow_uids.clone(),
+                allow_gids: opts.allow_gids.clone(),
+            };
+            Some(tokio::spawn(socket::serve(
+                listener,
+                path.clone(),
+                Arc::clone(&daemon),
+                access,
+                sockets_stopped,
+            )))
+        }
+        _ => None,
+    };
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -104,6 +130,10 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     };
     tracing::info!(reason, "shutting down: cancelling builds");
     daemon.builds.shutdown().await;
+    let _ = stop_sockets.send(true);
+    if let Some(task) = socket_task {
+        let _ = task.await;
+    }
     stdio.finish(Duration::from_secs(2)).await;
     drop(daemon);
     match executor.remove_state() {

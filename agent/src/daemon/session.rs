@@ -71,6 +71,10 @@ impl Session {
                     self.out.control(DaemonMessage::Error(e)).await;
                 }
             }
+            ClientMessage::List { req } => {
+                let builds = self.daemon.builds.summaries();
+                self.out.control(DaemonMessage::Builds { req, builds }).await;
+            }
             ClientMessage::Cancel { req, build, force } => {
                 if self.daemon.builds.cancel(&build, force) {
                     self.out.control(DaemonMessage::Ack { req }).await;

@@ -11,6 +11,9 @@
 //!   allocate a fresh batch buffer per write.
 //! * [`Sink::direct`] (the client): blocking writes in place; the client has nothing else
 //!   to do while its stdout is busy.
+//!
+//! A socket belongs to tether alone, so a connection's write half is an async writer
+//! ([`Sink::Async`]).
 
 use std::fs::File;
 use std::io::Write;
@@ -18,6 +21,7 @@ use std::os::fd::OwnedFd;
 use std::sync::mpsc as std_mpsc;
 use std::thread::JoinHandle;
 
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 /// Buffers in flight to a thread sink before `write` waits.
@@ -25,6 +29,7 @@ const THREAD_QUEUE: usize = 4;
 
 /// A destination for byte buffers.
 pub enum Sink {
+    Async(Box<dyn AsyncWrite + Send + Unpin>),
     Direct(File),
     Thread {
         tx: mpsc::Sender<Vec<u8>>,
@@ -61,6 +66,11 @@ impl Sink {
     /// the destination is gone for good.
     pub async fn write(&mut self, buf: &mut Vec<u8>) -> std::io::Result<()> {
         match self {
+            Sink::Async(w) => {
+                let result = w.write_all(buf).await;
+                buf.clear();
+                result
+            }
             Sink::Direct(f) => {
                 let result = f.write_all(buf);
                 buf.clear();
@@ -79,6 +89,7 @@ impl Sink {
     /// Closes the sink and waits until everything was written.
     pub async fn close(self) -> std::io::Result<()> {
         match self {
+            Sink::Async(mut w) => w.shutdown().await,
             Sink::Direct(_) => Ok(()),
             Sink::Thread { tx, thread, .. } => {
                 drop(tx);
