@@ -13,9 +13,10 @@ fn serve_socket(dir: &Path, extra: &[&str]) -> (Serve, PathBuf) {
     let mut args = vec!["--socket", sock_arg.as_str(), "--log-level", "info"];
     args.extend_from_slice(extra);
     let serve = Serve::with_state_dir(&dir.join("state"), &args);
+    // Connectable, not merely present: a stale file may be there before the daemon.
     assert!(
-        wait_until(TIMEOUT, || sock.exists()),
-        "socket never appeared; daemon stderr: {}",
+        wait_until(TIMEOUT, || std::os::unix::net::UnixStream::connect(&sock).is_ok()),
+        "the socket never answered; daemon stderr: {}",
         serve.stderr.text()
     );
     (serve, sock)
