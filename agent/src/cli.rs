@@ -30,6 +30,15 @@ pub enum Command {
     Ps(PsArgs),
     /// Cancel a running build: SIGTERM to its process group, SIGKILL after its grace.
     Cancel(CancelArgs),
+    /// Copy this tether binary into DIR (atomically, mode 0755), e.g. onto a shared volume.
+    Install(InstallArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct InstallArgs {
+    /// The directory to put `tether` in.
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -84,6 +93,10 @@ pub struct ServeArgs {
     /// Also serve on this Unix socket (e.g. on the pod's shared workspace volume).
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
+    /// At start-up, copy this binary into DIR as `tether` (as `tether install DIR`), so
+    /// that other containers sharing DIR's volume can run the client.
+    #[arg(long, value_name = "DIR")]
+    pub publish_client: Option<PathBuf>,
     /// Admit socket clients with this uid besides the daemon's own (repeatable).
     #[arg(long = "allow-uid", value_name = "UID", requires = "socket")]
     pub allow_uids: Vec<u32>,

@@ -3,6 +3,7 @@
 mod cli;
 mod client;
 mod daemon;
+mod install;
 mod logging;
 mod wire;
 
@@ -29,6 +30,16 @@ fn main() {
             client_logging(args.connect.verbose);
             client_main(client::cancel::cancel(args))
         }
+        Command::Install(args) => match install::install(&args.dir) {
+            Ok(path) => {
+                println!("{}", path.display());
+                0
+            }
+            Err(e) => {
+                eprintln!("tether: {e:#}");
+                client::exit::TETHER_FAILED
+            }
+        },
     };
     std::process::exit(code);
 }
@@ -45,6 +56,13 @@ fn client_logging(verbose: u8) {
 
 fn serve(args: cli::ServeArgs) -> i32 {
     logging::init(args.log.log_level.as_deref().unwrap_or("info"), args.log.log_format);
+    if let Some(dir) = &args.publish_client {
+        // Keeping the container alive comes first: a failed copy is logged, not fatal.
+        match install::install(dir) {
+            Ok(path) => tracing::info!(path = %path.display(), "published the client"),
+            Err(e) => tracing::error!("cannot publish the client: {e:#}"),
+        }
+    }
     let opts = daemon::ServeOptions {
         state_dir: args.state_dir,
         exit_on_eof: args.exit_on_eof,
