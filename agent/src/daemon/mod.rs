@@ -12,6 +12,7 @@ pub mod convert;
 pub mod outbox;
 pub mod session;
 pub mod socket;
+pub mod tty;
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
@@ -54,6 +55,8 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     // Bound first: a second daemon on a live socket fails before touching any state.
     let listener = opts.socket.as_deref().map(socket::bind).transpose()?;
     let (frames_in, frames_out) = take_stdio().context("cannot set up stdin/stdout")?;
+    // Before the first byte is read or written; restored when `_raw` drops at exit.
+    let _raw = tty::RawTty::enter(&frames_in);
     become_subreaper();
     // When stdout is a pipe (runc, a spawning client), a larger one carries output with
     // fewer wake-ups; on a tty or socket this is refused and harmless.
