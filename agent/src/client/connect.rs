@@ -25,8 +25,13 @@ use crate::wire::{push_frame, read_async, Inbound};
 
 /// How long the daemon may take to answer Hello.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long a daemon or `--via` command may take to exit after we closed its stdin.
+/// How long a daemon we spawned may take to exit after we closed its stdin (it removes
+/// its state on the way out).
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a `--via` command may take. Many never exit on their own when their stdin
+/// closes (`kubectl attach -i` or `runc run` to a daemon that keeps its container
+/// alive), so this is short, and then its whole process group is ended.
+const VIA_CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The client's version, sent in Hello.
 pub const CLIENT_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -38,6 +43,8 @@ pub struct Connection {
     pub welcome: Welcome,
     /// The spawned daemon or `--via` command; `None` on a socket.
     child: Option<Child>,
+    /// Whether `child` is a `--via` command (see [`VIA_CLOSE_TIMEOUT`]).
+    via: bool,
     what: String,
 }
 
@@ -83,7 +90,7 @@ pub async fn connect(args: &ConnectArgs) -> anyhow::Result<Connection> {
         let what = format!("the daemon on {}", path.display());
         return handshake(inbound, Box::new(write), None, what, false).await;
     }
-    let (mut cmd, what, pad) = match &args.via {
+    let (mut cmd, what, via) = match &args.via {
         Some(via) => {
             let mut cmd = Command::new("sh");
             cmd.arg("-c").arg(via);
@@ -111,19 +118,20 @@ pub async fn connect(args: &ConnectArgs) -> anyhow::Result<Connection> {
     };
     let (tx, inbound) = mpsc::channel(64);
     tokio::spawn(read_async::<DaemonMessage>(stdout, tx));
-    handshake(inbound, Box::new(stdin), Some(child), what, pad).await
+    handshake(inbound, Box::new(stdin), Some(child), what, via).await
 }
 
-/// Opens the session: (pad), preamble and Hello, then waits for Welcome.
+/// Opens the session: preamble and Hello, then waits for Welcome. A `via` stream may be
+/// one an earlier client abandoned, so it starts with the takeover pad.
 async fn handshake(
     inbound: mpsc::Receiver<Inbound<DaemonMessage>>,
     stdin: Box<dyn AsyncWrite + Send + Unpin>,
     child: Option<Child>,
     what: String,
-    pad: bool,
+    via: bool,
 ) -> anyhow::Result<Connection> {
     let mut writer = FrameWriter { stdin, buf: Vec::new() };
-    let mut opening = if pad { vec![0u8; SYNC_PAD_LEN] } else { Vec::new() };
+    let mut opening = if via { vec![0u8; SYNC_PAD_LEN] } else { Vec::new() };
     opening.extend_from_slice(PREAMBLE);
     push_frame(
         &mut opening,
@@ -142,6 +150,7 @@ async fn handshake(
         writer,
         welcome: placeholder_welcome(),
         child,
+        via,
         what,
     };
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.await_welcome()).await {
@@ -229,16 +238,34 @@ impl Connection {
     }
 
     /// Ends the session: closes the daemon's stdin (or the socket) and waits for the
-    /// spawned process, if any (bounded).
+    /// spawned process, if any (bounded); a `--via` command still running then is ended
+    /// with its whole process group (SIGTERM, then SIGKILL), so nothing it started
+    /// (`sh -c` runs `runc`/`kubectl` as a child) is left behind.
     pub async fn close(self) {
         let Connection {
-            writer, child, what, ..
+            writer,
+            child,
+            what,
+            via,
+            ..
         } = self;
         drop(writer);
         let Some(mut child) = child else { return };
-        match tokio::time::timeout(CLOSE_TIMEOUT, child.wait()).await {
+        let limit = if via { VIA_CLOSE_TIMEOUT } else { CLOSE_TIMEOUT };
+        match tokio::time::timeout(limit, child.wait()).await {
             Ok(Ok(st)) if !st.success() => tracing::debug!(%st, "{what} exited"),
             Ok(_) => {}
+            Err(_) if via => {
+                tracing::debug!("{what} still runs after its stdin closed; ending its process group");
+                if let Some(pid) = child.id() {
+                    let group = nix::unistd::Pid::from_raw(pid as i32);
+                    let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGTERM);
+                    if tokio::time::timeout(VIA_CLOSE_TIMEOUT, child.wait()).await.is_err() {
+                        let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+                    }
+                }
+                let _ = child.wait().await;
+            }
             Err(_) => {
                 tracing::warn!("{what} did not exit after its stdin closed; killing it");
                 let _ = child.kill().await;
