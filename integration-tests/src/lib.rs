@@ -6,6 +6,7 @@
 //! signals. Waits are bounded by deadlines and end on events (output seen, exit, EOF);
 //! polling is used only for process and file states that have no event to wait on.
 
+pub mod container;
 use std::ffi::OsStr;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
