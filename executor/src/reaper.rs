@@ -8,9 +8,9 @@
 //! status to whoever registered that pid; statuses of unregistered pids (orphans) are
 //! dropped. Nothing else in the process may wait for a child.
 //!
-//! Spawning goes through [`Reaper::spawn`], which holds the waiters' lock across the
-//! fork: the reaper cannot reap (and so cannot lose) a child before its waiter is
-//! registered, and std's own wait for a child whose `exec` failed never races it.
+//! Spawning goes through [`Reaper::spawn_with`], which holds the waiters' lock across
+//! the spawn: the reaper cannot reap (and so cannot lose) a child before its waiter is
+//! registered, and glibc's own wait for a child whose `exec` failed never races it.
 //!
 //! The reaper is a dedicated thread, one per process ([`Reaper::global`]), so it does not
 //! depend on any async runtime staying alive. It sleeps in `waitid(P_ALL, WEXITED |
@@ -20,7 +20,6 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::process::{Child, Command};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
@@ -101,21 +100,6 @@ impl Reaper {
         drop(waiters);
         self.inner.spawned.notify_one();
         Ok((pid, rx))
-    }
-
-    /// Spawns `cmd` and registers its pid (see [`Reaper::spawn_with`]). The returned
-    /// `Child` must never be waited for: the receiver yields its status.
-    pub fn spawn(&self, cmd: &mut Command) -> io::Result<(Child, oneshot::Receiver<ChildStatus>)> {
-        let mut child = None;
-        let (_, rx) = self.spawn_with(|| {
-            let c = cmd.spawn()?;
-            let pid = c.id() as i32;
-            child = Some(c);
-            Ok::<_, io::Error>(pid)
-        })?;
-        child
-            .map(|c| (c, rx))
-            .ok_or_else(|| io::Error::other("spawn returned no child"))
     }
 
     /// A receiver that changes whenever any process was reaped.

@@ -17,15 +17,17 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, OnceLock};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use tether_protocol::{
-    decode, encode_frame, BuildId, ClientMessage, DaemonMessage, Decoded, Exited, FrameDecoder, OutputStream, RunSpec,
-    Started, PREAMBLE,
+    encode_frame, BuildId, ClientMessage, DaemonMessage, Exited, OutputStream, RunSpec, Started, PREAMBLE,
 };
 
-use crate::{hello_message, shell_quote, tether, wait_child, wait_until, Collector, Event, Finished, Proc, TIMEOUT};
+use crate::{
+    build_if_stale, decode_events, hello_message, shell_quote, target_dir, tether, wait_child, wait_until, Collector,
+    Event, Finished, Proc, TIMEOUT,
+};
 
 /// Where the daemon keeps its state inside the container.
 pub const STATE_DIR: &str = "/kaniko/state";
@@ -39,77 +41,19 @@ const TARGET: &str = "x86_64-unknown-linux-gnu";
 // The static binary
 // ---------------------------------------------------------------------------------------
 
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("integration-tests has a parent directory")
-        .to_path_buf()
-}
-
-/// The newest modification time of the sources of the `tether` binary (as for
-/// [`crate::tether_bin`]).
-fn newest_source(root: &Path) -> Option<SystemTime> {
-    fn walk(dir: &Path, newest: &mut Option<SystemTime>) {
-        let Ok(entries) = fs::read_dir(dir) else { return };
-        for e in entries.flatten() {
-            let Ok(meta) = e.metadata() else { continue };
-            if meta.is_dir() {
-                walk(&e.path(), newest);
-            } else if let Ok(t) = meta.modified() {
-                *newest = (*newest).max(Some(t));
-            }
-        }
-    }
-    let mut newest = None;
-    for crate_dir in ["agent", "executor", "protocol"] {
-        walk(&root.join(crate_dir).join("src"), &mut newest);
-    }
-    let manifests = [
-        "Cargo.toml",
-        "Cargo.lock",
-        "agent/Cargo.toml",
-        "executor/Cargo.toml",
-        "protocol/Cargo.toml",
-    ];
-    for file in manifests {
-        if let Ok(t) = fs::metadata(root.join(file)).and_then(|m| m.modified()) {
-            newest = newest.max(Some(t));
-        }
-    }
-    newest
-}
-
 /// The static `tether` (`target/x86_64-unknown-linux-gnu/release/tether`). When it is
 /// missing or older than its sources, `scripts/build-static` builds it, once per test
 /// process (about a minute from scratch).
 pub fn static_tether() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        let root = workspace_root();
-        let target = match std::env::var_os("CARGO_TARGET_DIR") {
-            Some(t) => root.join(t),
-            None => root.join("target"),
-        };
-        let bin = target.join(TARGET).join("release").join("tether");
-        let built = fs::metadata(&bin).and_then(|m| m.modified()).ok();
-        let stale = match built {
-            None => true,
-            Some(t) => newest_source(&root).is_some_and(|s| s > t),
-        };
-        if stale {
-            eprintln!("{} is missing or stale; running scripts/build-static", bin.display());
-            let st = Command::new(root.join("scripts").join("build-static"))
-                .current_dir(&root)
-                .stdin(Stdio::null())
-                .status()
-                .expect("cannot run scripts/build-static");
-            assert!(st.success(), "scripts/build-static failed ({st})");
-            assert!(
-                bin.is_file(),
-                "scripts/build-static succeeded but {} is missing",
-                bin.display()
-            );
-        }
+        let bin = target_dir().join(TARGET).join("release").join("tether");
+        let root = crate::workspace_root();
+        build_if_stale(
+            &bin,
+            Command::new(root.join("scripts").join("build-static")),
+            "scripts/build-static",
+        );
         bin
     })
     .clone()
@@ -710,38 +654,6 @@ impl Drop for Session {
             }
         }
     }
-}
-
-/// Decodes what the daemon writes, on a thread, into events (ending with `Eof`).
-fn decode_events(mut out: impl Read + Send + 'static) -> mpsc::Receiver<Event> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut dec = FrameDecoder::new();
-        loop {
-            let n = match out.read(dec.read_buf()) {
-                Ok(0) | Err(_) => {
-                    let _ = tx.send(Event::Eof);
-                    return;
-                }
-                Ok(n) => n,
-            };
-            dec.commit(n);
-            while let Some(item) = dec.decode() {
-                let ev = match item {
-                    Decoded::Preamble => Event::Preamble,
-                    Decoded::Frame(p) => match decode::<DaemonMessage>(p) {
-                        Ok(m) => Event::Message(m),
-                        Err(e) => Event::Undecodable(e.to_string()),
-                    },
-                    Decoded::Corrupt(c) => Event::Corrupt(c),
-                };
-                if tx.send(ev).is_err() {
-                    return;
-                }
-            }
-        }
-    });
-    rx
 }
 
 /// The terminal settings of a pty session's slave.

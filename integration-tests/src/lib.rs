@@ -30,7 +30,7 @@ pub const TIMEOUT: Duration = Duration::from_secs(20);
 // The binary
 // ---------------------------------------------------------------------------------------
 
-fn workspace_root() -> PathBuf {
+pub(crate) fn workspace_root() -> PathBuf {
     // integration-tests/ is a direct member of the workspace root.
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -50,38 +50,45 @@ pub fn tether_bin() -> PathBuf {
             assert!(p.is_file(), "TETHER_BIN={} is not a file", p.display());
             return p;
         }
-        let root = workspace_root();
-        let target = match std::env::var_os("CARGO_TARGET_DIR") {
-            Some(t) => root.join(t), // join keeps an absolute path as it is
-            None => root.join("target"),
-        };
-        let bin = target.join("debug").join("tether");
-        let built = std::fs::metadata(&bin).and_then(|m| m.modified()).ok();
-        let stale = match built {
-            None => true,
-            Some(t) => newest_source(&root).is_some_and(|s| s > t),
-        };
-        if stale {
-            eprintln!(
-                "{} is missing or stale; running cargo build -p tether --bin tether",
-                bin.display()
-            );
-            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-            let st = Command::new(cargo)
-                .args(["build", "-p", "tether", "--bin", "tether"])
-                .current_dir(&root)
-                .status()
-                .expect("cannot run cargo build -p tether --bin tether");
-            assert!(st.success(), "cargo build -p tether --bin tether failed ({st})");
-            assert!(
-                bin.is_file(),
-                "cargo build succeeded but {} does not exist",
-                bin.display()
-            );
-        }
+        let bin = target_dir().join("debug").join("tether");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut build = Command::new(cargo);
+        build.args(["build", "-p", "tether", "--bin", "tether"]);
+        build_if_stale(&bin, build, "cargo build -p tether --bin tether");
         bin
     })
     .clone()
+}
+
+/// The workspace's target dir (`$CARGO_TARGET_DIR` if set).
+pub(crate) fn target_dir() -> PathBuf {
+    let root = workspace_root();
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(t) => root.join(t), // join keeps an absolute path as it is
+        None => root.join("target"),
+    }
+}
+
+/// Runs `build` (in the workspace root) when `bin` is missing or older than the sources
+/// of the `tether` binary, and checks that it produced `bin`.
+pub(crate) fn build_if_stale(bin: &Path, mut build: Command, what: &str) {
+    let root = workspace_root();
+    let built = std::fs::metadata(bin).and_then(|m| m.modified()).ok();
+    let stale = match built {
+        None => true,
+        Some(t) => newest_source(&root).is_some_and(|s| s > t),
+    };
+    if !stale {
+        return;
+    }
+    eprintln!("{} is missing or stale; running {what}", bin.display());
+    let st = build
+        .current_dir(&root)
+        .stdin(Stdio::null())
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    assert!(st.success(), "{what} failed ({st})");
+    assert!(bin.is_file(), "{what} succeeded but {} does not exist", bin.display());
 }
 
 /// The newest modification time of the sources of the `tether` binary.
@@ -439,6 +446,38 @@ pub enum Event {
     Eof,
 }
 
+/// Decodes what a daemon writes, on a thread, into events (ending with `Eof`).
+pub fn decode_events(mut out: impl Read + Send + 'static) -> mpsc::Receiver<Event> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut dec = FrameDecoder::new();
+        loop {
+            let n = match out.read(dec.read_buf()) {
+                Ok(0) | Err(_) => {
+                    let _ = tx.send(Event::Eof);
+                    return;
+                }
+                Ok(n) => n,
+            };
+            dec.commit(n);
+            while let Some(item) = dec.decode() {
+                let ev = match item {
+                    Decoded::Preamble => Event::Preamble,
+                    Decoded::Frame(p) => match decode::<DaemonMessage>(p) {
+                        Ok(m) => Event::Message(m),
+                        Err(e) => Event::Undecodable(e.to_string()),
+                    },
+                    Decoded::Corrupt(c) => Event::Corrupt(c),
+                };
+                if tx.send(ev).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    rx
+}
+
 /// A `tether serve` child driven through the protocol by the test.
 pub struct Serve {
     pub child: Child,
@@ -456,36 +495,10 @@ impl Serve {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("cannot spawn tether serve");
-        let mut out = child.stdout.take().unwrap();
+        let out = child.stdout.take().unwrap();
         let stderr = Collector::spawn(child.stderr.take().unwrap());
         let stdin = child.stdin.take();
-        let (tx, events) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut dec = FrameDecoder::new();
-            loop {
-                let n = match out.read(dec.read_buf()) {
-                    Ok(0) | Err(_) => {
-                        let _ = tx.send(Event::Eof);
-                        return;
-                    }
-                    Ok(n) => n,
-                };
-                dec.commit(n);
-                while let Some(item) = dec.decode() {
-                    let ev = match item {
-                        Decoded::Preamble => Event::Preamble,
-                        Decoded::Frame(p) => match decode::<DaemonMessage>(p) {
-                            Ok(m) => Event::Message(m),
-                            Err(e) => Event::Undecodable(e.to_string()),
-                        },
-                        Decoded::Corrupt(c) => Event::Corrupt(c),
-                    };
-                    if tx.send(ev).is_err() {
-                        return;
-                    }
-                }
-            }
-        });
+        let events = decode_events(out);
         Serve {
             child,
             stdin,

@@ -1,15 +1,14 @@
 //! `tether serve` with a terminal as stdin (pod templates with `tty: true`): frames must
 //! pass the line discipline unchanged, and the terminal is restored at exit.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::AsFd;
 use std::process::Stdio;
-use std::sync::mpsc;
 
-use integration_tests::{frame, hello_message, script_spec, signal, tether, Collector, TIMEOUT};
+use integration_tests::{decode_events, frame, hello_message, script_spec, signal, tether, Collector, Event, TIMEOUT};
 use nix::sys::signal::Signal;
 use nix::sys::termios::{tcgetattr, LocalFlags};
-use tether_protocol::{decode, ClientMessage, DaemonMessage, Decoded, ExitStatus, FrameDecoder, PREAMBLE};
+use tether_protocol::{ClientMessage, DaemonMessage, ExitStatus, PREAMBLE};
 
 #[test]
 fn frames_survive_a_terminal_on_stdin_and_the_terminal_is_restored() {
@@ -28,29 +27,12 @@ fn frames_survive_a_terminal_on_stdin_and_the_terminal_is_restored() {
         .stderr(Stdio::piped());
     let mut child = cmd.spawn().unwrap();
     let stderr = Collector::spawn(child.stderr.take().unwrap());
-    let mut out = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut dec = FrameDecoder::new();
-        loop {
-            let n = match out.read(dec.read_buf()) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
-            };
-            dec.commit(n);
-            while let Some(item) = dec.decode() {
-                let ev = match item {
-                    Decoded::Frame(p) => decode::<DaemonMessage>(p).ok(),
-                    _ => None,
-                };
-                if tx.send(ev).is_err() {
-                    return;
-                }
-            }
-        }
-    });
+    let rx = decode_events(child.stdout.take().unwrap());
     // The daemon's first preamble comes after it switched the terminal to raw mode.
-    assert_eq!(rx.recv_timeout(TIMEOUT).unwrap(), None, "preamble first");
+    assert!(
+        matches!(rx.recv_timeout(TIMEOUT).unwrap(), Event::Preamble),
+        "preamble first"
+    );
 
     // Bytes a line discipline would eat or rewrite: ^C (SIGINT), ^D (EOF), ^Z, ^\,
     // XON/XOFF, CR, DEL, and a line longer than the canonical buffer.
@@ -69,11 +51,13 @@ fn frames_survive_a_terminal_on_stdin_and_the_terminal_is_restored() {
 
     let mut output = Vec::new();
     let exited = loop {
-        // `None`: a preamble (the daemon writes one again for the new session).
+        // Preambles come again for the new session; only messages matter here.
         match rx.recv_timeout(TIMEOUT).expect("a reply") {
-            Some(DaemonMessage::Output { data, .. }) => output.extend_from_slice(&data),
-            Some(DaemonMessage::Exited(e)) => break e,
-            Some(DaemonMessage::Error(e)) => panic!("error from the daemon: {e:?}; stderr: {}", stderr.text()),
+            Event::Message(DaemonMessage::Output { data, .. }) => output.extend_from_slice(&data),
+            Event::Message(DaemonMessage::Exited(e)) => break e,
+            Event::Message(DaemonMessage::Error(e)) => {
+                panic!("error from the daemon: {e:?}; stderr: {}", stderr.text())
+            }
             _ => {}
         }
     };

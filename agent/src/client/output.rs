@@ -76,7 +76,8 @@ impl Output {
         let gap = offset.saturating_sub(*next);
         let start = offset + skip as u64;
         *next = end;
-        let mut data = if skip > 0 { data[skip..].to_vec() } else { data };
+        let mut data = data;
+        data.drain(..skip);
         if gap > 0 {
             tracing::warn!(?stream, gap, "output missing before offset {offset}");
         }
