@@ -26,10 +26,17 @@ pub enum Command {
     Serve(ServeArgs),
     /// Run a build through a daemon and stream its output; exits with its status.
     Run(RunArgs),
-    /// List the builds a daemon is running.
+    /// Follow a build's output (from where you say) and exit with its status.
+    Attach(AttachArgs),
+    /// Print a build's output so far and exit (with its status if it has finished).
+    Logs(LogsArgs),
+    /// List a daemon's builds: running ones, or with --all the retained finished ones too.
     Ps(PsArgs),
     /// Cancel a running build: SIGTERM to its process group, SIGKILL after its grace.
     Cancel(CancelArgs),
+    /// Relay stdin/stdout to a daemon's Unix socket (for `--via`, e.g.
+    /// `--via 'ssh host tether dial-stdio --socket /run/tether.sock'`).
+    DialStdio(DialStdioArgs),
     /// Copy this tether binary into DIR (atomically, mode 0755), e.g. onto a shared volume.
     Install(InstallArgs),
 }
@@ -48,6 +55,47 @@ pub struct PsArgs {
     /// One JSON object per build, one per line.
     #[arg(long)]
     pub json: bool,
+    /// Finished builds whose records are retained, too.
+    #[arg(long, short = 'a')]
+    pub all: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct AttachArgs {
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+    /// The build's id.
+    #[arg(value_name = "ID")]
+    pub id: String,
+    /// Start at this output position (bytes of stdout and stderr together, in order);
+    /// default: the current end (new output only).
+    #[arg(long, value_name = "OFFSET", conflicts_with = "from_start")]
+    pub from: Option<u64>,
+    /// Replay the whole output first.
+    #[arg(long)]
+    pub from_start: bool,
+    /// Print one JSON event per line instead of raw output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+    /// The build's id.
+    #[arg(value_name = "ID")]
+    pub id: String,
+    /// Print one JSON event per line instead of raw output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DialStdioArgs {
+    /// The daemon's socket.
+    #[arg(long, value_name = "PATH", env = "TETHER_SOCKET")]
+    pub socket: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -103,6 +151,25 @@ pub struct ServeArgs {
     /// Admit socket clients with this primary gid (repeatable).
     #[arg(long = "allow-gid", value_name = "GID", requires = "socket")]
     pub allow_gids: Vec<u32>,
+    /// How long a finished build's output and status are kept for `attach`, `logs`,
+    /// `ps --all` and retried `run --id`.
+    #[arg(long, value_name = "DUR", default_value = "1h", value_parser = parse_duration)]
+    pub retain: Duration,
+    /// Most output kept on disk per build; past it the oldest output is dropped (and
+    /// reported to readers as a gap).
+    #[arg(long, value_name = "SIZE", default_value = "1GiB", value_parser = parse_size)]
+    pub quota_build: u64,
+    /// Most output kept on disk for all builds together; finished builds' output goes
+    /// first, oldest first.
+    #[arg(long, value_name = "SIZE", default_value = "4GiB", value_parser = parse_size)]
+    pub quota_total: u64,
+    /// Heartbeat interval: the daemon pings each session this often, and tells clients
+    /// to ping it as often.
+    #[arg(long, value_name = "DUR", default_value = "10s", value_parser = parse_duration)]
+    pub heartbeat: Duration,
+    /// A session whose client sent nothing for this long is dropped (its builds go on).
+    #[arg(long, value_name = "DUR", default_value = "60s", value_parser = parse_duration)]
+    pub heartbeat_timeout: Duration,
     #[command(flatten)]
     pub log: LogArgs,
 }
@@ -119,6 +186,27 @@ pub struct ConnectArgs {
     /// More of tether's own messages on stderr (repeat for more).
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
+    /// When the connection breaks or the daemon stops answering, reconnect and resume
+    /// from the last byte printed (the default with --via and --socket).
+    #[arg(long, overrides_with = "no_reconnect")]
+    pub reconnect: bool,
+    /// Fail (exit 125) when the connection breaks instead of reconnecting.
+    #[arg(long)]
+    pub no_reconnect: bool,
+    /// How long to keep trying to reconnect before giving up (exit 125).
+    #[arg(long, value_name = "DUR", default_value = "5m", value_parser = parse_duration)]
+    pub reconnect_timeout: Duration,
+    /// Treat a daemon that sent nothing (not even a heartbeat) for this long as gone.
+    #[arg(long, value_name = "DUR", default_value = "60s", value_parser = parse_duration)]
+    pub heartbeat_timeout: Duration,
+}
+
+impl ConnectArgs {
+    /// Whether to reconnect: asked for, or by default when the daemon outlives the
+    /// connection (`--via`, `--socket`). A daemon the client spawned dies with it.
+    pub fn reconnects(&self) -> bool {
+        !self.no_reconnect && (self.reconnect || self.via.is_some() || self.socket.is_some())
+    }
 }
 
 #[derive(Debug, Args)]
@@ -146,6 +234,13 @@ pub struct RunArgs {
     /// A name for the build (part of its id and directory name).
     #[arg(long, value_name = "NAME")]
     pub name: Option<String>,
+    /// The build's id. Starting is idempotent: when a build with this id runs or is
+    /// retained, this follows it instead of starting it again (safe to retry).
+    #[arg(long, value_name = "ID")]
+    pub id: Option<String>,
+    /// Start the build, print its id and return at once (needs --via or --socket).
+    #[arg(long, short = 'd', conflicts_with_all = ["interactive", "json"])]
+    pub detach: bool,
     /// Run this script with a shell (`sh` on PATH, `/bin/sh`, `/busybox/sh`).
     #[arg(
         long,
@@ -172,6 +267,15 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err(format!("invalid duration {s:?}"));
     }
     humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e}"))
+}
+
+/// Parses `1GiB`, `512MiB`, `64M`, `1000`: a byte count with an optional unit
+/// (`K`/`M`/`G`/`T` are powers of 1000 and `KiB`/`MiB`/`GiB`/`TiB` of 1024, as bytesize has them).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    s.trim()
+        .parse::<bytesize::ByteSize>()
+        .map(|b| b.as_u64())
+        .map_err(|e| format!("invalid size {s:?}: {e}"))
 }
 
 /// `K=V` as raw bytes: values need not be UTF-8.
@@ -202,6 +306,15 @@ mod tests {
         assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
         assert!(parse_duration("-1").is_err());
         assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("1000"), Ok(1000));
+        assert_eq!(parse_size("2 KB"), Ok(2000));
+        assert!(parse_size("lots").is_err());
     }
 
     #[test]

@@ -22,6 +22,18 @@ fn main() {
             client_logging(args.connect.verbose);
             client_main(client::run::run(args))
         }
+        Command::Attach(args) => {
+            client_logging(args.connect.verbose);
+            client_main(client::attach::attach(args))
+        }
+        Command::Logs(args) => {
+            client_logging(args.connect.verbose);
+            client_main(client::attach::logs(args))
+        }
+        Command::DialStdio(args) => {
+            client_logging(0);
+            client_main(client::dial::dial_stdio(args))
+        }
         Command::Ps(args) => {
             client_logging(args.connect.verbose);
             client_main(client::ps::ps(args))
@@ -70,6 +82,11 @@ fn serve(args: cli::ServeArgs) -> i32 {
         socket: args.socket,
         allow_uids: args.allow_uids,
         allow_gids: args.allow_gids,
+        retain: args.retain,
+        quota_build: args.quota_build,
+        quota_total: args.quota_total,
+        heartbeat: args.heartbeat,
+        heartbeat_timeout: args.heartbeat_timeout,
     };
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,

@@ -13,6 +13,14 @@
 //!    process that escaped the group may hold them forever).
 //! 5. The private directory is removed, then [`BuildEvent::Finished`] is sent: the last
 //!    event, after every output chunk.
+//!
+//! Output goes through the build's *spooler*, a thread of its own: the pipe readers hand
+//! it chunks, it appends them to the build's [`Spool`] (assigning each its build-wide
+//! position), and only then passes them on as events. So every position an event names
+//! is already readable from the spool: a consumer that drops events (a client that fell
+//! behind) can always continue from the spool. The spooler writes the final status to
+//! the spool before passing [`BuildEvent::Finished`] on. Disk writes happen on that
+//! thread, never on the runtime that reads the pipes.
 
 use std::ffi::OsString;
 use std::io;
@@ -30,6 +38,7 @@ use tokio::time::{sleep, sleep_until};
 
 use crate::reaper::{ChildStatus, Reaper};
 use crate::spawn::{SpawnError, SpawnRequest};
+use crate::spool::{Spool, SpoolSet, SpoolWriter};
 use crate::statedir::BuildDir;
 use crate::status::{BuildOutcome, EndCause};
 
@@ -49,10 +58,16 @@ pub enum CommandSpec {
     Script { script: OsString, shell: Option<PathBuf> },
 }
 
+/// Largest batch of output the spooler writes at once.
+const SPOOL_BATCH: usize = 1024 * 1024;
+
 /// Everything the executor needs to start a build.
 #[derive(Debug, Clone)]
 pub struct BuildSpec {
-    /// Used in the build's id and directory name (sanitized); defaults to "build".
+    /// The build's id, when the caller chose one (it must be a valid file name and
+    /// unique among the executor's spools); otherwise the directory name is used.
+    pub id: Option<String>,
+    /// Used in the build's directory name (sanitized) and generated id; defaults to "build".
     pub name: Option<String>,
     pub command: CommandSpec,
     /// Set on top of the executor's base environment.
@@ -73,7 +88,9 @@ pub enum Stream {
     Stderr,
 }
 
-/// A block of output; `offset` is the position of its first byte in its stream.
+/// A block of output; `offset` is the build-wide position of its first byte (both
+/// streams share one position space, in the order the chunks were read; see
+/// [`crate::spool`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutputChunk {
     pub stream: Stream,
@@ -105,6 +122,10 @@ pub enum StartError {
     BadWorkdir { path: PathBuf, reason: String },
     #[error("cannot create the build directory: {0}")]
     BuildDir(String),
+    #[error("build id {0:?} is already in use")]
+    IdInUse(String),
+    #[error("cannot create the build's output spool: {0}")]
+    Spool(io::Error),
     #[error("cannot start the build: {0}")]
     Io(#[from] io::Error),
 }
@@ -164,11 +185,15 @@ pub struct Build {
     pub stdin: Option<BuildStdin>,
     pub events: mpsc::Receiver<BuildEvent>,
     pub control: BuildControl,
+    /// The build's output on disk, readable from any position while the build runs and
+    /// after it finished (until removed).
+    pub spool: Spool,
 }
 
 /// What the executor hands [`spawn`] beyond the spec.
 pub(crate) struct Launch<'a> {
     pub reaper: &'a Reaper,
+    pub spools: &'a std::sync::Arc<SpoolSet>,
     pub dir: BuildDir,
     pub id: String,
     pub base_env: &'a [(OsString, OsString)],
@@ -177,17 +202,106 @@ pub(crate) struct Launch<'a> {
     pub chunk_size: usize,
 }
 
-/// Starts the build; on error the directory is removed again.
+/// Starts the build; on error the directory and the spool are removed again.
 pub(crate) fn spawn(spec: BuildSpec, launch: Launch<'_>) -> Result<Build, StartError> {
-    let result = prepare_and_spawn(&spec, &launch);
+    let result = start_spooler(&launch).and_then(|spooler| {
+        let ready = prepare_and_spawn(&spec, &launch);
+        match ready {
+            Ok(ready) => Ok((spooler, ready)),
+            Err(e) => {
+                spooler.spool.remove();
+                Err(e)
+            }
+        }
+    });
     match result {
-        Ok(ready) => Ok(supervise(spec, launch, ready)),
+        Ok((spooler, ready)) => Ok(supervise(spec, launch, spooler, ready)),
         Err(e) => {
             if let Err(ce) = launch.dir.remove() {
                 tracing::warn!(error = %ce, "cannot remove the directory of a build that failed to start");
             }
             Err(e)
         }
+    }
+}
+
+/// What the pipe readers and the supervisor hand the spooler.
+enum SpoolCmd {
+    Chunk(Stream, Vec<u8>),
+    Finish(BuildOutcome),
+}
+
+struct Spooler {
+    spool: Spool,
+    tx: mpsc::Sender<SpoolCmd>,
+    events: mpsc::Receiver<BuildEvent>,
+}
+
+/// Creates the build's spool and starts its spooler thread.
+fn start_spooler(launch: &Launch<'_>) -> Result<Spooler, StartError> {
+    let (spool, writer) = launch.spools.create(&launch.id).map_err(|e| match e.kind() {
+        io::ErrorKind::AlreadyExists => StartError::IdInUse(launch.id.clone()),
+        _ => StartError::Spool(e),
+    })?;
+    let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+    let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
+    let spawned = std::thread::Builder::new()
+        .name("spool".into())
+        .spawn(move || run_spooler(writer, rx, events_tx));
+    if let Err(e) = spawned {
+        spool.remove();
+        return Err(StartError::Io(e));
+    }
+    Ok(Spooler { spool, tx, events })
+}
+
+/// The spooler thread: appends batches of chunks, then forwards them as events.
+fn run_spooler(mut writer: SpoolWriter, mut rx: mpsc::Receiver<SpoolCmd>, events: mpsc::Sender<BuildEvent>) {
+    let mut batch: Vec<(Stream, Vec<u8>)> = Vec::new();
+    let mut finish = None;
+    // A consumer that went away stops receiving; the build is spooled all the same.
+    let mut consumer = true;
+    while finish.is_none() {
+        let Some(first) = rx.blocking_recv() else { break };
+        let mut bytes = 0;
+        let mut next = Some(first);
+        while let Some(cmd) = next.take() {
+            match cmd {
+                SpoolCmd::Chunk(stream, data) => {
+                    bytes += data.len();
+                    batch.push((stream, data));
+                }
+                SpoolCmd::Finish(outcome) => {
+                    finish = Some(outcome);
+                    break;
+                }
+            }
+            if bytes < SPOOL_BATCH {
+                next = rx.try_recv().ok();
+            }
+        }
+        if !batch.is_empty() {
+            let refs: Vec<(Stream, &[u8])> = batch.iter().map(|(s, d)| (*s, d.as_slice())).collect();
+            let mut offset = writer.append(&refs);
+            for (stream, data) in batch.drain(..) {
+                let len = data.len() as u64;
+                let ev = BuildEvent::Output(OutputChunk { stream, offset, data });
+                offset += len;
+                if consumer && events.blocking_send(ev).is_err() {
+                    consumer = false;
+                }
+            }
+        }
+    }
+    let Some(outcome) = finish else {
+        // The build's tasks went away without a result (the runtime shut down).
+        return;
+    };
+    if let Err(e) = writer.finish(&outcome.status_json()) {
+        tracing::warn!(error = %e, "cannot write the build's status file");
+    }
+    if consumer {
+        let _ = events.blocking_send(BuildEvent::Finished(outcome));
     }
 }
 
@@ -338,8 +452,12 @@ fn resolve_workdir(work: &Path, rel: Option<&Path>) -> Result<PathBuf, StartErro
     Ok(real)
 }
 
-fn supervise(spec: BuildSpec, launch: Launch<'_>, s: Spawned) -> Build {
-    let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
+fn supervise(spec: BuildSpec, launch: Launch<'_>, spooler: Spooler, s: Spawned) -> Build {
+    let Spooler {
+        spool,
+        tx: events_tx,
+        events: events_rx,
+    } = spooler;
     let (control_tx, control_rx) = mpsc::unbounded_channel();
     let (finishing_tx, finishing_rx) = watch::channel(false);
     let (close_out, close_out_rx) = watch::channel(false);
@@ -382,6 +500,7 @@ fn supervise(spec: BuildSpec, launch: Launch<'_>, s: Spawned) -> Build {
             tx: control_tx,
             close: std::sync::Arc::new([close_out, close_err]),
         },
+        spool,
     };
     let ctx = Supervisor {
         pgid: Pid::from_raw(s.pid as i32),
@@ -413,7 +532,7 @@ impl Supervisor {
         mut control: mpsc::UnboundedReceiver<bool>,
         finishing: watch::Sender<bool>,
         readers: [tokio::task::JoinHandle<u64>; 2],
-        events: mpsc::Sender<BuildEvent>,
+        events: mpsc::Sender<SpoolCmd>,
     ) {
         let timeout_at = self.timeout.map(|t| tokio::time::Instant::from_std(self.started) + t);
         let mut cause = EndCause::Completed;
@@ -495,8 +614,8 @@ impl Supervisor {
             leftovers_killed,
             cleanup_error,
         };
-        // The consumer may be gone; the build is over either way.
-        let _ = events.send(BuildEvent::Finished(outcome)).await;
+        // The spooler writes the status and passes the outcome on after every chunk.
+        let _ = events.send(SpoolCmd::Finish(outcome)).await;
     }
 
     /// SIGTERM (or SIGKILL when forced) to the group; returns when SIGKILL is due.
@@ -564,7 +683,7 @@ impl Supervisor {
 async fn read_stream(
     stream: Stream,
     mut rx: pipe::Receiver,
-    tx: mpsc::Sender<BuildEvent>,
+    tx: mpsc::Sender<SpoolCmd>,
     mut finishing: watch::Receiver<bool>,
     mut close: watch::Receiver<bool>,
     chunk: usize,
@@ -615,10 +734,10 @@ async fn read_stream(
         } else {
             buf[..n].to_vec()
         };
-        let ev = BuildEvent::Output(OutputChunk { stream, offset, data });
         offset += n as u64;
-        if tx.send(ev).await.is_err() {
-            // Nobody listens any more: keep draining so the build never blocks.
+        if tx.send(SpoolCmd::Chunk(stream, data)).await.is_err() {
+            // The spooler is gone (it never stops before the supervisor tells it to, so
+            // this is a runtime shutting down): keep draining so the build never blocks.
             continue;
         }
     }

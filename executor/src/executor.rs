@@ -7,7 +7,11 @@ use std::time::Duration;
 
 use crate::build::{self, Build, BuildSpec, Launch, StartError};
 use crate::reaper::Reaper;
+use crate::spool::{SpoolLimits, SpoolSet};
 use crate::statedir::{StateDir, StateDirError, SweepReport};
+
+/// Subdirectory of the instance dir holding the builds' output spools.
+const RECORDS: &str = "records";
 
 /// How the executor runs builds.
 #[derive(Debug, Clone)]
@@ -22,7 +26,14 @@ pub struct ExecutorConfig {
     pub base_env: Vec<(OsString, OsString)>,
     /// Shells tried for scripts when PATH has no `sh`.
     pub fallback_shells: Vec<PathBuf>,
+    /// Disk quotas of the output spools.
+    pub spool: SpoolLimits,
 }
+
+/// Default per-build spool quota: 1 GiB.
+pub const DEFAULT_BUILD_QUOTA: u64 = 1 << 30;
+/// Default spool quota of all builds together: 4 GiB.
+pub const DEFAULT_TOTAL_QUOTA: u64 = 4 << 30;
 
 impl ExecutorConfig {
     /// Defaults: the default state root, 10 s grace, 64 KiB chunks, the current
@@ -34,6 +45,10 @@ impl ExecutorConfig {
             chunk_size: 64 * 1024,
             base_env: std::env::vars_os().collect(),
             fallback_shells: crate::shell::FALLBACK_SHELLS.iter().map(PathBuf::from).collect(),
+            spool: SpoolLimits {
+                build_quota: DEFAULT_BUILD_QUOTA,
+                total_quota: DEFAULT_TOTAL_QUOTA,
+            },
         }
     }
 }
@@ -51,6 +66,8 @@ pub enum ExecutorError {
     StateDir(#[from] StateDirError),
     #[error("cannot start the reaper: {0}")]
     Reaper(std::io::Error),
+    #[error("cannot create the output spool directory: {0}")]
+    Spool(std::io::Error),
 }
 
 /// Starts builds. Cheap to clone.
@@ -64,6 +81,7 @@ struct Inner {
     config: ExecutorConfig,
     reaper: Reaper,
     state: StateDir,
+    spools: Arc<SpoolSet>,
 }
 
 impl Executor {
@@ -72,7 +90,13 @@ impl Executor {
     pub fn new(config: ExecutorConfig) -> Result<(Executor, SweepReport), ExecutorError> {
         let reaper = Reaper::global().map_err(ExecutorError::Reaper)?;
         let (state, swept) = StateDir::open(&config.state_root)?;
-        let inner = Inner { config, reaper, state };
+        let spools = SpoolSet::new(state.instance_dir().join(RECORDS), config.spool).map_err(ExecutorError::Spool)?;
+        let inner = Inner {
+            config,
+            reaper,
+            state,
+            spools,
+        };
         Ok((Executor { inner: Arc::new(inner) }, swept))
     }
 
@@ -84,15 +108,19 @@ impl Executor {
             .state
             .create_build_dir(name)
             .map_err(|e| StartError::BuildDir(e.to_string()))?;
-        let id = dir
-            .root
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| name.to_owned());
+        let id = match &spec.id {
+            Some(id) => id.clone(),
+            None => dir
+                .root
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| name.to_owned()),
+        };
         build::spawn(
             spec,
             Launch {
                 reaper: &inner.reaper,
+                spools: &inner.spools,
                 dir,
                 id,
                 base_env: &inner.config.base_env,
@@ -101,6 +129,11 @@ impl Executor {
                 chunk_size: inner.config.chunk_size,
             },
         )
+    }
+
+    /// The output spools of this executor's builds.
+    pub fn spools(&self) -> &Arc<SpoolSet> {
+        &self.inner.spools
     }
 
     /// The state dir this executor owns.

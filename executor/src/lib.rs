@@ -15,6 +15,7 @@ mod executor;
 pub mod reaper;
 pub mod shell;
 pub mod spawn;
+pub mod spool;
 pub mod statedir;
 pub mod status;
 
@@ -23,4 +24,5 @@ pub use build::{
 };
 pub use executor::{Executor, ExecutorConfig, ExecutorError};
 pub use reaper::ChildStatus;
+pub use spool::{GapReason, Spool, SpoolItem, SpoolLimits, SpoolReader, SpoolSet, SpoolWriter};
 pub use status::{BuildOutcome, EndCause};

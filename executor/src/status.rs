@@ -32,3 +32,40 @@ pub struct BuildOutcome {
     /// What could not be cleaned up, if anything (logged by the caller).
     pub cleanup_error: Option<String>,
 }
+
+impl EndCause {
+    /// The name used in status files and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            EndCause::Completed => "completed",
+            EndCause::Cancelled => "cancelled",
+            EndCause::TimedOut => "timed_out",
+        }
+    }
+}
+
+impl BuildOutcome {
+    /// The status file's content (one JSON object; see [`crate::spool`]), written
+    /// atomically to the build's spool when it ends.
+    pub fn status_json(&self) -> String {
+        let status = match self.status {
+            Some(ChildStatus::Exited(code)) => format!("{{\"code\":{code}}}"),
+            Some(ChildStatus::Signaled { signal, core_dumped }) => {
+                format!("{{\"signal\":{signal},\"core_dumped\":{core_dumped}}}")
+            }
+            None => "null".to_owned(),
+        };
+        let finished_at_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        format!(
+            "{{\"status\":{status},\"cause\":\"{}\",\"duration_ms\":{},\"finished_at_ms\":{finished_at_ms},\"stdout_bytes\":{},\"stderr_bytes\":{},\"leftovers_killed\":{}}}\n",
+            self.cause.name(),
+            self.duration.as_millis(),
+            self.stdout_bytes,
+            self.stderr_bytes,
+            self.leftovers_killed,
+        )
+    }
+}

@@ -25,6 +25,7 @@ fn executor(root: &Path) -> Executor {
 
 fn script(s: &str) -> BuildSpec {
     BuildSpec {
+        id: None,
         name: None,
         command: CommandSpec::Script {
             script: s.into(),
@@ -51,21 +52,29 @@ struct Finished {
     outcome: BuildOutcome,
 }
 
-/// Collects a build's events, checking that offsets are contiguous per stream.
+/// Collects a build's events, checking that positions are contiguous across both
+/// streams and that the spool holds exactly what the events carried.
 async fn finish(mut build: Build) -> Finished {
     let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    let mut events: Vec<(Stream, Vec<u8>)> = Vec::new();
     while let Some(ev) = build.events.recv().await {
         match ev {
             BuildEvent::Output(c) => {
+                assert_eq!(
+                    c.offset,
+                    (stdout.len() + stderr.len()) as u64,
+                    "positions are contiguous"
+                );
                 let buf = match c.stream {
                     Stream::Stdout => &mut stdout,
                     Stream::Stderr => &mut stderr,
                 };
-                assert_eq!(c.offset, buf.len() as u64, "offsets are contiguous");
                 buf.extend_from_slice(&c.data);
+                events.push((c.stream, c.data));
             }
             BuildEvent::Finished(outcome) => {
                 assert!(build.events.recv().await.is_none(), "Finished is the last event");
+                assert_spooled(&build, &events, &outcome);
                 return Finished {
                     stdout,
                     stderr,
@@ -75,6 +84,44 @@ async fn finish(mut build: Build) -> Finished {
         }
     }
     panic!("event stream ended without Finished");
+}
+
+/// The spool replays the events' bytes in order, stream by stream, and holds the status.
+fn assert_spooled(build: &Build, events: &[(Stream, Vec<u8>)], outcome: &BuildOutcome) {
+    let total: u64 = events.iter().map(|(_, d)| d.len() as u64).sum();
+    assert_eq!(build.spool.end(), total);
+    assert!(build.spool.finished(), "the status is written before Finished is sent");
+    let status = build.spool.status().expect("status written");
+    assert!(
+        status.contains(&format!("\"stdout_bytes\":{}", outcome.stdout_bytes)),
+        "{status}"
+    );
+    let mut reader = build.spool.reader();
+    let mut spooled: Vec<(Stream, Vec<u8>)> = Vec::new();
+    let mut pos = 0;
+    while pos < total {
+        for item in reader.read(pos, total, 1 << 20).expect("spool read") {
+            match item {
+                tether_executor::spool::SpoolItem::Data { stream, position, data } => {
+                    assert_eq!(position, pos);
+                    pos += data.len() as u64;
+                    match spooled.last_mut() {
+                        Some((s, d)) if *s == stream => d.extend_from_slice(&data),
+                        _ => spooled.push((stream, data)),
+                    }
+                }
+                gap => panic!("unexpected {gap:?}"),
+            }
+        }
+    }
+    let mut merged: Vec<(Stream, Vec<u8>)> = Vec::new();
+    for (stream, data) in events {
+        match merged.last_mut() {
+            Some((s, d)) if s == stream => d.extend_from_slice(data),
+            _ => merged.push((*stream, data.clone())),
+        }
+    }
+    assert_eq!(spooled, merged);
 }
 
 /// Reads output until `needle` appears on stdout, returning the build for more.

@@ -602,7 +602,11 @@ impl Session {
 
     /// Sends `Run` and waits for its `Started`.
     pub fn start_build(&mut self, req: u64, spec: RunSpec) -> Started {
-        self.send(&ClientMessage::Run { req, spec });
+        self.send(&ClientMessage::Run {
+            req,
+            spec,
+            follow: true,
+        });
         self.wait_message(|m| match m {
             DaemonMessage::Started(s) if s.req == req => Some(s.clone()),
             DaemonMessage::Error(e) if e.req == Some(req) => panic!("Run {req} refused: {e:?}"),

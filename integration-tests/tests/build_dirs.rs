@@ -168,7 +168,11 @@ fn one_daemon_gives_concurrent_builds_different_dirs_and_removes_each_at_its_end
             name: b"CODE".as_slice().into(),
             value: code.as_bytes().into(),
         }];
-        d.send(&ClientMessage::Run { req, spec });
+        d.send(&ClientMessage::Run {
+            req,
+            spec,
+            follow: true,
+        });
     }
     // Collect both builds' reports.
     let mut builds = Vec::new(); // (req, build id)

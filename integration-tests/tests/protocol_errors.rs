@@ -144,6 +144,7 @@ fn requests_before_hello_get_no_session() {
         &ClientMessage::Run {
             req: 1,
             spec: script_spec("echo should-not-run"),
+            follow: true,
         },
         &mut bytes,
     )
@@ -203,6 +204,7 @@ fn unknown_builds_and_bad_requests_are_answered_with_their_kinds() {
             command: tether_protocol::CommandSpec::Argv(Vec::new()),
             ..script_spec("")
         },
+        follow: true,
     });
     let e = expect_error(&mut d);
     assert_eq!((e.kind, e.req), (ErrorKind::BadRequest, Some(6)), "{e:?}");

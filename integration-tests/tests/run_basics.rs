@@ -213,18 +213,21 @@ fn json_events(stdout: &[u8]) -> Vec<Value> {
         .collect()
 }
 
-/// The bytes of one stream from output events, checking offsets are contiguous.
+/// The bytes of one stream from output events, checking that offsets (build-wide
+/// positions over both streams) are contiguous.
 fn json_stream(events: &[Value], stream: &str) -> Vec<u8> {
     let mut data = Vec::new();
-    for ev in events
-        .iter()
-        .filter(|e| e["event"] == "output" && e["stream"] == stream)
-    {
-        assert_eq!(ev["offset"].as_u64(), Some(data.len() as u64), "offset of {ev}");
-        match (ev.get("data"), ev.get("data_base64")) {
-            (Some(Value::String(s)), None) => data.extend_from_slice(s.as_bytes()),
-            (None, Some(Value::String(b))) => data.extend_from_slice(&base64_decode(b)),
+    let mut position = 0u64;
+    for ev in events.iter().filter(|e| e["event"] == "output") {
+        assert_eq!(ev["offset"].as_u64(), Some(position), "offset of {ev}");
+        let bytes = match (ev.get("data"), ev.get("data_base64")) {
+            (Some(Value::String(s)), None) => s.as_bytes().to_vec(),
+            (None, Some(Value::String(b))) => base64_decode(b),
             _ => panic!("output event without data: {ev}"),
+        };
+        position += bytes.len() as u64;
+        if ev["stream"] == stream {
+            data.extend_from_slice(&bytes);
         }
     }
     data

@@ -79,6 +79,7 @@ fn sigterm_cancels_running_builds_reports_them_and_cleans_up() {
     d.send(&ClientMessage::Run {
         req: 7,
         spec: script_spec("echo ready; sleep 1000"),
+        follow: true,
     });
     let (build, pid) = d.wait_message(|m| match m {
         DaemonMessage::Started(s) if s.req == 7 => Some((s.build.clone(), s.pid)),
@@ -138,6 +139,7 @@ fn eof_with_exit_on_eof_cancels_running_builds() {
     d.send(&ClientMessage::Run {
         req: 1,
         spec: script_spec(r#"trap "" TERM; echo ready; sleep 1000"#),
+        follow: true,
     });
     let pid = d.wait_message(|m| match m {
         DaemonMessage::Started(s) => Some(s.pid),
@@ -198,6 +200,7 @@ fn a_running_daemons_instance_is_not_swept_by_another() {
     a.send(&ClientMessage::Run {
         req: 1,
         spec: script_spec("exit 5"),
+        follow: true,
     });
     let exited = a.wait_message(|m| match m {
         DaemonMessage::Exited(e) => Some(e.clone()),

@@ -81,7 +81,10 @@ fn ps_lists_a_running_build_and_cancel_stops_it() {
         .collect();
     assert_eq!(lines.len(), 1, "{lines:?}");
     let id = lines[0]["build"].as_str().unwrap().to_owned();
-    assert!(id.starts_with("longjob."), "{id}");
+    assert!(
+        id.starts_with("longjob-"),
+        "a client that reconnects names its build: {id}"
+    );
     assert_eq!(lines[0]["state"], "running");
     assert!(lines[0]["command"].as_str().unwrap().contains("sleep 1000"));
 
@@ -98,13 +101,21 @@ fn ps_lists_a_running_build_and_cancel_stops_it() {
     let again = Proc::spawn(tether(["cancel", "--socket", s, &id]).stdin(Stdio::null())).finish(TIMEOUT);
     assert_eq!(again.code(), 125);
     assert!(
-        again.stderr_text().contains("no running build"),
+        again.stderr_text().contains("has already finished"),
         "{}",
         again.stderr_text()
     );
 
     let empty = Proc::spawn(tether(["ps", "--socket", s, "--json"]).stdin(Stdio::null())).finish(TIMEOUT);
     assert_eq!(empty.stdout_text(), "");
+    // The finished build is retained: `ps --all` shows how it ended.
+    let all = Proc::spawn(tether(["ps", "--socket", s, "--all", "--json"]).stdin(Stdio::null())).finish(TIMEOUT);
+    let line: serde_json::Value = serde_json::from_str(all.stdout_text().trim()).unwrap();
+    assert_eq!(
+        (line["build"].as_str(), line["state"].as_str()),
+        (Some(id.as_str()), Some("cancelled"))
+    );
+    assert_eq!(line["exit_code"], 143);
 }
 
 #[test]

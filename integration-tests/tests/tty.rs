@@ -46,7 +46,11 @@ fn frames_survive_a_terminal_on_stdin_and_the_terminal_is_restored() {
     let mut master = std::fs::File::from(pty.master.as_fd().try_clone_to_owned().unwrap());
     let mut bytes = PREAMBLE.to_vec();
     bytes.extend(frame(&hello_message()));
-    bytes.extend(frame(&ClientMessage::Run { req: 1, spec }));
+    bytes.extend(frame(&ClientMessage::Run {
+        req: 1,
+        spec,
+        follow: true,
+    }));
     master.write_all(&bytes).unwrap();
 
     let mut output = Vec::new();

@@ -42,7 +42,7 @@ fn main() {
     show(
         "Hello",
         &ClientMessage::Hello(Hello {
-            protocol: 1,
+            protocol: 2,
             client_version: "0.1.0".into(),
             capabilities: vec![],
         }),
@@ -59,7 +59,9 @@ fn main() {
                 grace_ms: None,
                 stdin: false,
                 name: None,
+                id: None,
             },
+            follow: true,
         },
     );
 }

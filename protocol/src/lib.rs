@@ -34,7 +34,7 @@ pub use message::*;
 pub const PREAMBLE: &[u8] = b"<===[TETHER]===>\n";
 
 /// The protocol version this crate speaks. Bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest payload a frame may carry. A header that claims more is corrupt; no reader
 /// ever allocates more than this (plus the header) for one frame.
@@ -51,3 +51,18 @@ pub const SYNC_PAD_LEN: usize = MAX_PAYLOAD + FRAME_HEADER_LEN;
 
 /// Default number of stdin bytes a client may have sent and not yet seen acknowledged.
 pub const DEFAULT_STDIN_WINDOW: u32 = 256 * 1024;
+
+/// Longest build id a client may choose ([`RunSpec::id`]).
+pub const MAX_BUILD_ID_LEN: usize = 64;
+
+/// Whether `id` is a build id a client may choose: 1 to [`MAX_BUILD_ID_LEN`] bytes of
+/// ASCII letters, digits, `.`, `_` and `-`, not starting with `.` or `-` (so it is a
+/// plain file name and never an option).
+pub fn valid_build_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_BUILD_ID_LEN
+        && !id.starts_with(['.', '-'])
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}

@@ -34,8 +34,15 @@ pub enum ClientMessage {
     Ping { nonce: u64 },
     /// Tag 2. Answer to a [`DaemonMessage::Ping`].
     Pong { nonce: u64 },
-    /// Tag 3. Start a build; answered by [`DaemonMessage::Started`] or an error.
-    Run { req: RequestId, spec: RunSpec },
+    /// Tag 3. Start a build; answered by [`DaemonMessage::Started`] or an error. With
+    /// `spec.id` naming a build the daemon runs or retains, nothing is started: the
+    /// session follows that build from its first byte (`Started::existing`). With
+    /// `follow` false the session is not sent the build's output or exit (`run --detach`).
+    Run {
+        req: RequestId,
+        spec: RunSpec,
+        follow: bool,
+    },
     /// Tag 4. Bytes for a build's stdin (only for builds started with `stdin: true`).
     /// At most [`crate::MAX_CHUNK`] bytes.
     Stdin { build: BuildId, data: Bytes },
@@ -53,8 +60,20 @@ pub enum ClientMessage {
     /// its end of the build's pipe, so the build's next write there fails with EPIPE, as
     /// in a local pipeline. No reply.
     CloseOutput { build: BuildId, stream: OutputStream },
-    /// Tag 8. List the daemon's builds; answered by [`DaemonMessage::Builds`].
-    List { req: RequestId },
+    /// Tag 8. List the daemon's builds, running ones only unless `all` (then finished
+    /// and retained ones too); answered by [`DaemonMessage::Builds`].
+    List { req: RequestId, all: bool },
+    /// Tag 9. Send a build's output from position `from` (see [`DaemonMessage::Output`]),
+    /// answered by [`DaemonMessage::Attached`], then `Output`/`Gap` in position order.
+    /// With `follow` the session gets new output as it comes and then `Exited`;
+    /// without it, output up to the end at the time of the request, then `Exited` if the
+    /// build had finished or [`DaemonMessage::LogEnd`] if it still runs.
+    Attach {
+        req: RequestId,
+        build: BuildId,
+        from: u64,
+        follow: bool,
+    },
 }
 
 /// Daemon to client.
@@ -70,7 +89,9 @@ pub enum DaemonMessage {
     Pong { nonce: u64 },
     /// Tag 4. A build's process is running.
     Started(Started),
-    /// Tag 5. Build output; `offset` is the position of `data[0]` in that stream.
+    /// Tag 5. Build output. `offset` is the *build-wide position* of `data[0]`: stdout
+    /// and stderr share one position space, counted in the order the daemon read them,
+    /// so one number says where a client is (`attach --from`).
     Output {
         build: BuildId,
         stream: OutputStream,
@@ -84,8 +105,35 @@ pub enum DaemonMessage {
     StdinAck { build: BuildId, consumed: u64 },
     /// Tag 8. A request without a richer answer succeeded.
     Ack { req: RequestId },
-    /// Tag 9. Answer to [`ClientMessage::List`]: the running builds, of any session.
+    /// Tag 9. Answer to [`ClientMessage::List`]: builds of any session.
     Builds { req: RequestId, builds: Vec<BuildSummary> },
+    /// Tag 10. Answer to [`ClientMessage::Attach`]: the build exists; its output follows.
+    Attached { req: RequestId, build: BuildSummary },
+    /// Tag 11. Output at positions `from..to` of the build is gone and will never be
+    /// sent (a disk quota dropped it, or the daemon could not write it to disk and the
+    /// client was not following live). The next `Output` starts at `to` or later.
+    Gap {
+        build: BuildId,
+        from: u64,
+        to: u64,
+        reason: GapReason,
+    },
+    /// Tag 12. End of a non-following [`ClientMessage::Attach`] of a running build: all
+    /// output below `position` was sent.
+    LogEnd {
+        req: RequestId,
+        build: BuildId,
+        position: u64,
+    },
+}
+
+/// Why output is missing ([`DaemonMessage::Gap`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GapReason {
+    /// The build's or the daemon's output quota dropped it (oldest output goes first).
+    Quota,
+    /// Writing it to disk failed (the disk was full); it went only to live clients.
+    WriteFailed,
 }
 
 /// The client's opening message.
@@ -119,9 +167,12 @@ pub struct Limits {
     pub max_chunk: u32,
     /// Stdin bytes a client may send ahead of [`DaemonMessage::StdinAck`].
     pub stdin_window: u32,
+    /// The heartbeat interval in milliseconds: each side sends a `Ping` at least this
+    /// often, and may treat a peer that sent nothing for several intervals as gone.
+    pub heartbeat_ms: u32,
 }
 
-/// One line of `Welcome::builds`.
+/// One build, as `Welcome::builds` and [`DaemonMessage::Builds`] list it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BuildSummary {
     pub build: BuildId,
@@ -130,6 +181,23 @@ pub struct BuildSummary {
     pub pid: u32,
     /// Milliseconds since the Unix epoch.
     pub started_at_ms: u64,
+    /// Output positions so far (stdout and stderr bytes together).
+    pub output_end: u64,
+    pub state: BuildState,
+}
+
+/// Where a build is in its life.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BuildState {
+    Running,
+    /// Over; its record (output and status) is retained until `expires_at_ms`.
+    Finished {
+        status: ExitStatus,
+        cause: EndCause,
+        duration_ms: u64,
+        finished_at_ms: u64,
+        expires_at_ms: u64,
+    },
 }
 
 /// What to run and how.
@@ -149,6 +217,11 @@ pub struct RunSpec {
     pub stdin: bool,
     /// A name for the build, used in its id and directory name (sanitized).
     pub name: Option<String>,
+    /// The build's id, chosen by the client to make starting idempotent: a build with
+    /// this id that runs or is retained is followed instead of started again. At most
+    /// 64 bytes of `A-Z a-z 0-9 . _ -`, not starting with `.` or `-`. `None`: the daemon
+    /// picks one.
+    pub id: Option<String>,
 }
 
 impl RunSpec {
@@ -163,6 +236,7 @@ impl RunSpec {
             grace_ms: None,
             stdin: false,
             name: None,
+            id: None,
         }
     }
 }
@@ -207,6 +281,9 @@ pub struct Started {
     pub pid: u32,
     /// The shell that runs a script, when the command is one.
     pub shell: Option<Bytes>,
+    /// The id named an existing build: nothing was started, the session follows that
+    /// build from position 0 (its `pid` and `shell` are the original ones).
+    pub existing: bool,
 }
 
 /// Which output stream.

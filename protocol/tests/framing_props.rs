@@ -75,16 +75,20 @@ fn run_spec() -> impl Strategy<Value = RunSpec> {
         proptest::option::of(int()),
         any::<bool>(),
         proptest::option::of(text()),
+        proptest::option::of(text()),
     )
-        .prop_map(|(command, env, workdir, timeout_ms, grace_ms, stdin, name)| RunSpec {
-            command,
-            env,
-            workdir,
-            timeout_ms,
-            grace_ms,
-            stdin,
-            name,
-        })
+        .prop_map(
+            |(command, env, workdir, timeout_ms, grace_ms, stdin, name, id)| RunSpec {
+                command,
+                env,
+                workdir,
+                timeout_ms,
+                grace_ms,
+                stdin,
+                name,
+                id,
+            },
+        )
 }
 
 /// Messages are generated freely; several large fields together can exceed a frame,
@@ -104,7 +108,14 @@ fn client_message() -> impl Strategy<Value = ClientMessage> {
         }),
         int().prop_map(|nonce| ClientMessage::Ping { nonce }),
         int().prop_map(|nonce| ClientMessage::Pong { nonce }),
-        (int(), run_spec()).prop_map(|(req, spec)| ClientMessage::Run { req, spec }),
+        (int(), run_spec(), any::<bool>()).prop_map(|(req, spec, follow)| ClientMessage::Run { req, spec, follow }),
+        (int(), any::<bool>()).prop_map(|(req, all)| ClientMessage::List { req, all }),
+        (int(), build_id(), int(), any::<bool>()).prop_map(|(req, build, from, follow)| ClientMessage::Attach {
+            req,
+            build,
+            from,
+            follow
+        }),
         (build_id(), bytes()).prop_map(|(build, data)| ClientMessage::Stdin { build, data }),
         build_id().prop_map(|build| ClientMessage::CloseStdin { build }),
         (int(), build_id(), any::<bool>()).prop_map(|(req, build, force)| ClientMessage::Cancel { req, build, force }),
@@ -143,19 +154,41 @@ fn exit_status() -> impl Strategy<Value = ExitStatus> {
 }
 
 fn daemon_message() -> impl Strategy<Value = DaemonMessage> {
-    let limits = (int32(), int32(), int32()).prop_map(|(max_payload, max_chunk, stdin_window)| Limits {
-        max_payload,
-        max_chunk,
-        stdin_window,
-    });
-    let summary = (build_id(), text(), int32(), int()).prop_map(|(build, command, pid, started_at_ms)| BuildSummary {
-        build,
-        command,
-        pid,
-        started_at_ms,
-    });
+    let limits =
+        (int32(), int32(), int32(), int32()).prop_map(|(max_payload, max_chunk, stdin_window, heartbeat_ms)| Limits {
+            max_payload,
+            max_chunk,
+            stdin_window,
+            heartbeat_ms,
+        });
+    let state = || {
+        prop_oneof![
+            Just(BuildState::Running),
+            (exit_status(), int(), int(), int()).prop_map(|(status, duration_ms, finished_at_ms, expires_at_ms)| {
+                BuildState::Finished {
+                    status,
+                    cause: EndCause::Completed,
+                    duration_ms,
+                    finished_at_ms,
+                    expires_at_ms,
+                }
+            }),
+        ]
+    };
+    let summary = move || {
+        (build_id(), text(), int32(), int(), int(), state()).prop_map(
+            |(build, command, pid, started_at_ms, output_end, state)| BuildSummary {
+                build,
+                command,
+                pid,
+                started_at_ms,
+                output_end,
+                state,
+            },
+        )
+    };
     prop_oneof![
-        (int32(), text(), vec(text(), 0..3), limits, vec(summary, 0..4)).prop_map(
+        (int32(), text(), vec(text(), 0..3), limits, vec(summary(), 0..4)).prop_map(
             |(protocol, daemon_version, capabilities, limits, builds)| {
                 DaemonMessage::Welcome(Welcome {
                     protocol,
@@ -180,8 +213,27 @@ fn daemon_message() -> impl Strategy<Value = DaemonMessage> {
             })),
         int().prop_map(|nonce| DaemonMessage::Ping { nonce }),
         int().prop_map(|nonce| DaemonMessage::Pong { nonce }),
-        (int(), build_id(), int32(), opt_bytes())
-            .prop_map(|(req, build, pid, shell)| { DaemonMessage::Started(Started { req, build, pid, shell }) }),
+        (int(), build_id(), int32(), opt_bytes(), any::<bool>()).prop_map(|(req, build, pid, shell, existing)| {
+            DaemonMessage::Started(Started {
+                req,
+                build,
+                pid,
+                shell,
+                existing,
+            })
+        }),
+        (int(), summary()).prop_map(|(req, build)| DaemonMessage::Attached { req, build }),
+        (build_id(), int(), int(), any::<bool>()).prop_map(|(build, from, to, quota)| DaemonMessage::Gap {
+            build,
+            from,
+            to,
+            reason: if quota {
+                GapReason::Quota
+            } else {
+                GapReason::WriteFailed
+            },
+        }),
+        (int(), build_id(), int()).prop_map(|(req, build, position)| DaemonMessage::LogEnd { req, build, position }),
         (
             build_id(),
             prop_oneof![Just(OutputStream::Stdout), Just(OutputStream::Stderr)],

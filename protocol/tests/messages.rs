@@ -26,6 +26,7 @@ fn client_tag(m: &ClientMessage) -> u8 {
         ClientMessage::Cancel { .. } => 6,
         ClientMessage::CloseOutput { .. } => 7,
         ClientMessage::List { .. } => 8,
+        ClientMessage::Attach { .. } => 9,
     }
 }
 
@@ -42,11 +43,14 @@ fn daemon_tag(m: &DaemonMessage) -> u8 {
         DaemonMessage::StdinAck { .. } => 7,
         DaemonMessage::Ack { .. } => 8,
         DaemonMessage::Builds { .. } => 9,
+        DaemonMessage::Attached { .. } => 10,
+        DaemonMessage::Gap { .. } => 11,
+        DaemonMessage::LogEnd { .. } => 12,
     }
 }
 
-const CLIENT_TAGS: u8 = 9;
-const DAEMON_TAGS: u8 = 10;
+const CLIENT_TAGS: u8 = 10;
+const DAEMON_TAGS: u8 = 13;
 
 fn all_error_kinds() -> Vec<ErrorKind> {
     use ErrorKind::*;
@@ -80,6 +84,7 @@ fn run_spec(command: CommandSpec) -> RunSpec {
         grace_ms: None,
         stdin: false,
         name: None,
+        id: None,
     }
 }
 
@@ -101,6 +106,7 @@ fn client_messages() -> Vec<ClientMessage> {
         ClientMessage::Run {
             req: 1,
             spec: run_spec(CommandSpec::Argv(vec![b(b"echo"), b(b"hi")])),
+            follow: true,
         },
         ClientMessage::Run {
             req: 1 << 40,
@@ -121,7 +127,9 @@ fn client_messages() -> Vec<ClientMessage> {
                 grace_ms: Some(0),
                 stdin: true,
                 name: Some("unit tests".into()),
+                id: Some("unit-tests.42".into()),
             },
+            follow: false,
         },
         ClientMessage::Run {
             req: 2,
@@ -129,6 +137,7 @@ fn client_messages() -> Vec<ClientMessage> {
                 script: b(b"set -e\nmake -j8 test\n"),
                 shell: None,
             }),
+            follow: true,
         },
         ClientMessage::Run {
             req: 3,
@@ -136,6 +145,7 @@ fn client_messages() -> Vec<ClientMessage> {
                 script: b(b""),
                 shell: Some(b(b"/bin/bash")),
             }),
+            follow: false,
         },
         ClientMessage::Stdin {
             build: build("b-1"),
@@ -160,7 +170,20 @@ fn client_messages() -> Vec<ClientMessage> {
             build: build("b-1"),
             stream: OutputStream::Stderr,
         },
-        ClientMessage::List { req: 11 },
+        ClientMessage::List { req: 11, all: false },
+        ClientMessage::List { req: 12, all: true },
+        ClientMessage::Attach {
+            req: 13,
+            build: build("b-1"),
+            from: 0,
+            follow: true,
+        },
+        ClientMessage::Attach {
+            req: 14,
+            build: build("b-1"),
+            from: u64::MAX,
+            follow: false,
+        },
     ]
 }
 
@@ -174,6 +197,7 @@ fn daemon_messages() -> Vec<DaemonMessage> {
                 max_payload: MAX_PAYLOAD as u32,
                 max_chunk: MAX_CHUNK as u32,
                 stdin_window: DEFAULT_STDIN_WINDOW,
+                heartbeat_ms: 10_000,
             },
             builds: vec![],
         }),
@@ -185,6 +209,7 @@ fn daemon_messages() -> Vec<DaemonMessage> {
                 max_payload: 0,
                 max_chunk: u32::MAX,
                 stdin_window: 1,
+                heartbeat_ms: u32::MAX,
             },
             builds: vec![
                 BuildSummary {
@@ -192,12 +217,25 @@ fn daemon_messages() -> Vec<DaemonMessage> {
                     command: "make test".into(),
                     pid: 4242,
                     started_at_ms: 1_700_000_000_000,
+                    output_end: 12,
+                    state: BuildState::Running,
                 },
                 BuildSummary {
                     build: build("b-2"),
                     command: String::new(),
                     pid: 1,
                     started_at_ms: 0,
+                    output_end: u64::MAX,
+                    state: BuildState::Finished {
+                        status: ExitStatus::Signal {
+                            signal: 15,
+                            core_dumped: false,
+                        },
+                        cause: EndCause::Cancelled,
+                        duration_ms: 0,
+                        finished_at_ms: 1,
+                        expires_at_ms: u64::MAX,
+                    },
                 },
             ],
         }),
@@ -208,12 +246,14 @@ fn daemon_messages() -> Vec<DaemonMessage> {
             build: build("b-1"),
             pid: 77,
             shell: None,
+            existing: false,
         }),
         DaemonMessage::Started(Started {
             req: 2,
             build: build("b-2"),
             pid: u32::MAX,
             shell: Some(b(b"/bin/sh")),
+            existing: true,
         }),
         DaemonMessage::Output {
             build: build("b-1"),
@@ -240,7 +280,43 @@ fn daemon_messages() -> Vec<DaemonMessage> {
                 command: "make all".into(),
                 pid: 42,
                 started_at_ms: 1_700_000_000_000,
+                output_end: 0,
+                state: BuildState::Finished {
+                    status: ExitStatus::Code(2),
+                    cause: EndCause::Completed,
+                    duration_ms: 17,
+                    finished_at_ms: 1_700_000_000_017,
+                    expires_at_ms: 1_700_003_600_017,
+                },
             }],
+        },
+        DaemonMessage::Attached {
+            req: 6,
+            build: BuildSummary {
+                build: build("b-1"),
+                command: "make all".into(),
+                pid: 42,
+                started_at_ms: 1,
+                output_end: 1 << 33,
+                state: BuildState::Running,
+            },
+        },
+        DaemonMessage::Gap {
+            build: build("b-1"),
+            from: 0,
+            to: 1 << 33,
+            reason: GapReason::Quota,
+        },
+        DaemonMessage::Gap {
+            build: build("b-1"),
+            from: 5,
+            to: 6,
+            reason: GapReason::WriteFailed,
+        },
+        DaemonMessage::LogEnd {
+            req: 7,
+            build: build("b-1"),
+            position: 1 << 33,
         },
     ];
     let statuses = [
@@ -352,7 +428,7 @@ fn payload<T: Serialize>(msg: &T) -> Vec<u8> {
 fn example_frames_of_protocol_md() {
     // The two frames dumped in PROTOCOL.md, "Example": keep them in sync.
     let hello = ClientMessage::Hello(Hello {
-        protocol: 1,
+        protocol: 2,
         client_version: "0.1.0".into(),
         capabilities: vec![],
     });
@@ -361,28 +437,29 @@ fn example_frames_of_protocol_md() {
     assert_eq!(
         f,
         [
-            0xf4, 0x54, 0x48, 0x52, 0x09, 0x00, 0x00, 0x00, 0x90, 0xe0, 0x94, 0x5b, 0x00, 0x01, 0x05, b'0', b'.', b'1',
+            0xf4, 0x54, 0x48, 0x52, 0x09, 0x00, 0x00, 0x00, 0xf9, 0x67, 0xd0, 0x80, 0x00, 0x02, 0x05, b'0', b'.', b'1',
             b'.', b'0', 0x00
         ]
     );
     let run = ClientMessage::Run {
         req: 1,
         spec: run_spec(CommandSpec::Argv(vec![b(b"echo"), b(b"hi")])),
+        follow: true,
     };
     let mut f = Vec::new();
     encode_frame(&run, &mut f).unwrap();
     assert_eq!(
         f,
         [
-            0xf4, 0x54, 0x48, 0x52, 0x12, 0x00, 0x00, 0x00, 0x82, 0x05, 0x03, 0xb6, 0x03, 0x01, 0x00, 0x02, 0x04, b'e',
-            b'c', b'h', b'o', 0x02, b'h', b'i', 0x00, 0x00, 0x00, 0x00, 0x00, 0x00
+            0xf4, 0x54, 0x48, 0x52, 0x14, 0x00, 0x00, 0x00, 0xee, 0x88, 0xe9, 0x79, 0x03, 0x01, 0x00, 0x02, 0x04, b'e',
+            b'c', b'h', b'o', 0x02, b'h', b'i', 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x01
         ]
     );
     // CRC32C check value of the standard algorithm, and the CRC of the Run frame.
     assert_eq!(tether_protocol::frame::frame_crc(b"1234", b"56789"), 0xE306_9283);
     assert_eq!(
         tether_protocol::frame::frame_crc(&f[..8], &f[FRAME_HEADER_LEN..]),
-        0xb603_0582
+        0x79e9_88ee
     );
 }
 
@@ -396,7 +473,7 @@ fn preamble_and_constants() {
     assert_eq!(MAX_CHUNK, 65_536);
     assert_eq!(SYNC_PAD_LEN, 131_084);
     assert_eq!(DEFAULT_STDIN_WINDOW, 262_144);
-    assert_eq!(PROTOCOL_VERSION, 1);
+    assert_eq!(PROTOCOL_VERSION, 2);
 }
 
 #[test]
@@ -486,9 +563,10 @@ fn other_primitives() {
         payload(&Limits {
             max_payload: 1,
             max_chunk: 2,
-            stdin_window: 3
+            stdin_window: 3,
+            heartbeat_ms: 4,
         }),
-        [1, 2, 3]
+        [1, 2, 3, 4]
     );
     // Unit variants are their index.
     assert_eq!(payload(&OutputStream::Stdout), [0]);
@@ -537,8 +615,9 @@ fn field_order_of_structs() {
         build: build("b"),
         pid: 1000,
         shell: Some(b(b"sh")),
+        existing: true,
     });
-    assert_eq!(payload(&s), [4, 1, 1, b'b', 251, 0xe8, 0x03, 1, 2, b's', b'h']);
+    assert_eq!(payload(&s), [4, 1, 1, b'b', 251, 0xe8, 0x03, 1, 2, b's', b'h', 1]);
     let x = DaemonMessage::Exited(Exited {
         build: build("b"),
         status: ExitStatus::Code(2),
@@ -556,18 +635,42 @@ fn field_order_of_structs() {
             max_payload: 3,
             max_chunk: 2,
             stdin_window: 1,
+            heartbeat_ms: 0,
         },
         builds: vec![BuildSummary {
             build: build("b"),
             command: "m".into(),
             pid: 9,
             started_at_ms: 8,
+            output_end: 7,
+            state: BuildState::Finished {
+                status: ExitStatus::Code(1),
+                cause: EndCause::Completed,
+                duration_ms: 6,
+                finished_at_ms: 5,
+                expires_at_ms: 4,
+            },
         }],
     });
+    // BuildState::Finished is tag 1; ExitStatus::Code(1) is tag 0 then zigzag 2.
     assert_eq!(
         payload(&w),
-        [0, 1, 1, b'v', 1, 1, b'c', 3, 2, 1, 1, 1, b'b', 1, b'm', 9, 8]
+        [0, 1, 1, b'v', 1, 1, b'c', 3, 2, 1, 0, 1, 1, b'b', 1, b'm', 9, 8, 7, 1, 0, 2, 0, 6, 5, 4]
     );
+    let a = ClientMessage::Attach {
+        req: 3,
+        build: build("b"),
+        from: 300,
+        follow: true,
+    };
+    assert_eq!(payload(&a), [9, 3, 1, b'b', 251, 0x2c, 0x01, 1]);
+    let g = DaemonMessage::Gap {
+        build: build("b"),
+        from: 1,
+        to: 2,
+        reason: GapReason::WriteFailed,
+    };
+    assert_eq!(payload(&g), [11, 1, b'b', 1, 2, 1]);
     let r = ClientMessage::Run {
         req: 7,
         spec: RunSpec {
@@ -584,11 +687,13 @@ fn field_order_of_structs() {
             grace_ms: None,
             stdin: true,
             name: Some("n".into()),
+            id: Some("i".into()),
         },
+        follow: false,
     };
     assert_eq!(
         payload(&r),
-        [3, 7, 1, 1, b's', 0, 1, 1, b'K', 1, b'V', 1, 1, b'w', 1, 1, 0, 1, 1, 1, b'n']
+        [3, 7, 1, 1, b's', 0, 1, 1, b'K', 1, b'V', 1, 1, b'w', 1, 1, 0, 1, 1, 1, b'n', 1, 1, b'i', 0]
     );
     assert_eq!(
         payload(&ClientMessage::Stdin {
@@ -739,10 +844,11 @@ fn every_payload_that_fits_decodes() {
             name: Some("x".into()),
             ..run_spec(CommandSpec::Argv(vec![]))
         },
+        follow: true,
     };
-    // 22 bytes of other fields (tag 1, req 9, command 2, env length 3, options and flag 4,
-    // name 3) and two bytes per variable.
-    let run = run_with_env((MAX_PAYLOAD - 22) / 2);
+    // 24 bytes of other fields (tag 1, req 9, command 2, env length 3, options and flag 4,
+    // name 3, id 1, follow 1) and two bytes per variable.
+    let run = run_with_env((MAX_PAYLOAD - 24) / 2);
     let p = payload(&run);
     assert_eq!(p.len(), MAX_PAYLOAD);
     assert_eq!(decode_framed::<ClientMessage>(&p).unwrap(), run);
@@ -754,22 +860,25 @@ fn every_payload_that_fits_decodes() {
             command: String::new(),
             pid: 0,
             started_at_ms: 0,
+            output_end: 0,
+            state: BuildState::Running,
         };
-        30_000
+        20_000
     ];
     let w = DaemonMessage::Welcome(welcome);
     let p = payload(&w);
     assert!(p.len() <= MAX_PAYLOAD);
     assert_eq!(decode_framed::<DaemonMessage>(&p).unwrap(), w);
 
-    // 15 bytes of other fields: tag, req, command tag, script length (252 + u32), shell,
-    // env, three options, flag.
+    // 17 bytes of other fields: tag, req, command tag, script length (252 + u32), shell,
+    // env, three options, flag, name, id, follow.
     let script = ClientMessage::Run {
         req: 1,
         spec: run_spec(CommandSpec::Script {
-            script: Bytes::from(vec![b'#'; MAX_PAYLOAD - 15]),
+            script: Bytes::from(vec![b'#'; MAX_PAYLOAD - 17]),
             shell: None,
         }),
+        follow: false,
     };
     let p = payload(&script);
     assert_eq!(p.len(), MAX_PAYLOAD);
@@ -824,6 +933,7 @@ fn welcome(protocol: u32, version: &str) -> Welcome {
             max_payload: MAX_PAYLOAD as u32,
             max_chunk: MAX_CHUNK as u32,
             stdin_window: DEFAULT_STDIN_WINDOW,
+            heartbeat_ms: 10_000,
         },
         builds: vec![],
     }
@@ -866,7 +976,7 @@ fn handshake_mismatch_names_both_versions() {
 
 #[test]
 fn version_mismatch_travels_as_an_error_report() {
-    let e = check_hello(&hello(2, "0.2.0"), "0.1.0").unwrap_err();
+    let e = check_hello(&hello(PROTOCOL_VERSION + 1, "0.2.0"), "0.1.0").unwrap_err();
     let report = DaemonMessage::Error(ErrorReport {
         req: None,
         build: None,

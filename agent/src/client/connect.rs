@@ -41,6 +41,8 @@ pub struct Connection {
     pub inbound: mpsc::Receiver<Inbound<DaemonMessage>>,
     pub writer: FrameWriter,
     pub welcome: Welcome,
+    /// Sends our heartbeats; ended with the connection.
+    pinger: Option<tokio::task::JoinHandle<()>>,
     /// The spawned daemon or `--via` command; `None` on a socket.
     child: Option<Child>,
     /// Whether `child` is a `--via` command (see [`VIA_CLOSE_TIMEOUT`]).
@@ -48,34 +50,69 @@ pub struct Connection {
     what: String,
 }
 
-/// Sends frames to the daemon.
+type Stream = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// Sends frames to the daemon. Cheap to clone: the heartbeat task shares it, so that a
+/// client busy writing its own output (or blocked on it) still shows it is alive.
+#[derive(Clone)]
 pub struct FrameWriter {
-    stdin: Box<dyn AsyncWrite + Send + Unpin>,
-    buf: Vec<u8>,
+    stdin: std::sync::Arc<tokio::sync::Mutex<Stream>>,
 }
 
 impl FrameWriter {
-    pub async fn send(&mut self, msg: &ClientMessage) -> anyhow::Result<()> {
-        self.buf.clear();
-        push_frame(&mut self.buf, msg)?;
-        self.stdin
-            .write_all(&self.buf)
-            .await
-            .context("the connection to the daemon was lost")?;
-        self.stdin
-            .flush()
+    fn new(stdin: Stream) -> FrameWriter {
+        FrameWriter {
+            stdin: std::sync::Arc::new(tokio::sync::Mutex::new(stdin)),
+        }
+    }
+
+    pub async fn send(&self, msg: &ClientMessage) -> anyhow::Result<()> {
+        let mut buf = Vec::new();
+        push_frame(&mut buf, msg)?;
+        self.send_raw(&buf)
             .await
             .context("the connection to the daemon was lost")
+    }
+
+    async fn send_raw(&self, bytes: &[u8]) -> std::io::Result<()> {
+        let mut stdin = self.stdin.lock().await;
+        stdin.write_all(bytes).await?;
+        stdin.flush().await
+    }
+
+    async fn shutdown(&self) {
+        let _ = self.stdin.lock().await.shutdown().await;
+    }
+}
+
+/// Pings the daemon every `every` until the connection fails.
+async fn heartbeat(writer: FrameWriter, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    let mut nonce = 0u64;
+    loop {
+        tick.tick().await;
+        nonce += 1;
+        if writer.send(&ClientMessage::Ping { nonce }).await.is_err() {
+            return;
+        }
     }
 }
 
 /// Opens a session with an existing daemon: `--via` or `--socket` (or `TETHER_SOCKET`)
 /// must say which; a private daemon would have nothing to show.
 pub async fn connect_existing(args: &ConnectArgs) -> anyhow::Result<Connection> {
+    connect_existing_args(args)?;
+    connect(args).await
+}
+
+/// Checks that the arguments name an existing daemon.
+pub fn connect_existing_args(args: &ConnectArgs) -> anyhow::Result<()> {
     if args.via.is_none() && args.socket.is_none() {
         bail!("say which daemon: --via CMD, --socket PATH or TETHER_SOCKET");
     }
-    connect(args).await
+    Ok(())
 }
 
 /// Opens a session as the arguments say.
@@ -130,7 +167,7 @@ async fn handshake(
     what: String,
     via: bool,
 ) -> anyhow::Result<Connection> {
-    let mut writer = FrameWriter { stdin, buf: Vec::new() };
+    let writer = FrameWriter::new(stdin);
     let mut opening = if via { vec![0u8; SYNC_PAD_LEN] } else { Vec::new() };
     opening.extend_from_slice(PREAMBLE);
     push_frame(
@@ -142,20 +179,22 @@ async fn handshake(
         }),
     )?;
     // A daemon that died at once closes its stdin; the handshake below says why.
-    let _ = writer.stdin.write_all(&opening).await;
-    let _ = writer.stdin.flush().await;
+    let _ = writer.send_raw(&opening).await;
 
     let mut conn = Connection {
         inbound,
         writer,
         welcome: placeholder_welcome(),
+        pinger: None,
         child,
         via,
         what,
     };
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.await_welcome()).await {
         Ok(Ok(welcome)) => {
+            let every = Duration::from_millis(u64::from(welcome.limits.heartbeat_ms.max(100)));
             conn.welcome = welcome;
+            conn.pinger = Some(tokio::spawn(heartbeat(conn.writer.clone(), every)));
             Ok(conn)
         }
         Ok(Err(e)) => {
@@ -178,6 +217,7 @@ fn placeholder_welcome() -> Welcome {
             max_payload: 0,
             max_chunk: 0,
             stdin_window: 0,
+            heartbeat_ms: 0,
         },
         builds: Vec::new(),
     }
@@ -247,8 +287,14 @@ impl Connection {
             child,
             what,
             via,
+            pinger,
             ..
         } = self;
+        if let Some(p) = pinger {
+            p.abort();
+            let _ = p.await;
+        }
+        writer.shutdown().await;
         drop(writer);
         let Some(mut child) = child else { return };
         let limit = if via { VIA_CLOSE_TIMEOUT } else { CLOSE_TIMEOUT };
@@ -274,6 +320,9 @@ impl Connection {
     }
 
     async fn abort(&mut self) {
+        if let Some(p) = self.pinger.take() {
+            p.abort();
+        }
         if let Some(child) = &mut self.child {
             let _ = child.start_kill();
             let _ = child.wait().await;

@@ -15,7 +15,12 @@ pub fn for_exited(e: &Exited) -> i32 {
     if e.cause == EndCause::TimedOut {
         return TIMED_OUT;
     }
-    match e.status {
+    for_status(&e.status)
+}
+
+/// The exit code for a process status: its code, or 128+N for signal N.
+pub fn for_status(status: &ExitStatus) -> i32 {
+    match *status {
         ExitStatus::Code(code) => code,
         ExitStatus::Signal { signal, .. } => 128 + signal,
     }

@@ -1,9 +1,12 @@
 //! The client commands: connect to a daemon, speak the protocol, map results to exit
 //! codes (the `docker run` / `timeout` conventions, see [`exit`]).
 
+pub mod attach;
 pub mod cancel;
 pub mod connect;
+pub mod dial;
 pub mod exit;
+pub mod follow;
 pub mod output;
 pub mod ps;
 pub mod run;

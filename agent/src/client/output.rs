@@ -3,8 +3,8 @@
 //!
 //! Raw output is written by one thread per stream doing blocking writes (our stdout may
 //! be a pipe, a file or a terminal shared with other processes; it is never made
-//! non-blocking). Offsets are tracked per stream so that a chunk seen twice is never
-//! printed twice.
+//! non-blocking). The build-wide position of the next byte is tracked, so that a chunk
+//! seen twice (after a reconnect) is never printed twice.
 
 use std::os::fd::AsFd;
 
@@ -18,8 +18,8 @@ pub struct Output {
     stdout: Sink,
     stderr: Sink,
     json: bool,
-    /// Next expected offset of stdout and stderr.
-    next: [u64; 2],
+    /// The build-wide position of the next byte to print.
+    next: u64,
     /// Streams whose destination was found closed.
     closed: [bool; 2],
 }
@@ -39,7 +39,7 @@ impl Output {
             stdout,
             stderr,
             json,
-            next: [0; 2],
+            next: 0,
             closed: [false; 2],
         })
     }
@@ -59,15 +59,41 @@ impl Output {
             .await
     }
 
+    /// The position after the last byte printed (or skipped as a gap).
+    pub fn position(&self) -> u64 {
+        self.next
+    }
+
+    /// Continues at `position` (attaching from a position other than 0).
+    pub fn seek(&mut self, position: u64) {
+        self.next = position;
+    }
+
+    /// Output at `from..to` is gone: says so on stderr (or as an event) and moves on.
+    pub async fn gap(&mut self, build: &str, from: u64, to: u64, reason: &str) -> std::io::Result<()> {
+        if to <= self.next {
+            return Ok(());
+        }
+        let from = from.max(self.next);
+        self.next = to;
+        if self.json {
+            return self
+                .line(json!({"event": "gap", "build": build, "from": from, "to": to, "reason": reason}))
+                .await;
+        }
+        eprintln!(
+            "tether: {} bytes of output of {build} are missing here (positions {from}..{to}: {reason})",
+            to - from
+        );
+        Ok(())
+    }
+
     /// Writes a chunk, skipping any part already written. Returns the build streams that
     /// this write found undeliverable (our stdout or stderr was closed): the caller asks
     /// the daemon to close them at the build's end too, and later chunks of them are
     /// dropped here.
     pub async fn chunk(&mut self, build: &str, stream: OutputStream, offset: u64, data: Vec<u8>) -> Vec<OutputStream> {
-        if self.closed[index(stream)] {
-            return Vec::new();
-        }
-        let next = &mut self.next[index(stream)];
+        let next = &mut self.next;
         let end = offset + data.len() as u64;
         if end <= *next {
             return Vec::new();
@@ -76,10 +102,13 @@ impl Output {
         let gap = offset.saturating_sub(*next);
         let start = offset + skip as u64;
         *next = end;
+        if self.closed[index(stream)] {
+            return Vec::new();
+        }
         let mut data = data;
         data.drain(..skip);
         if gap > 0 {
-            tracing::warn!(?stream, gap, "output missing before offset {offset}");
+            tracing::warn!(?stream, gap, "output missing before position {offset}");
         }
         if self.json {
             let name = match stream {

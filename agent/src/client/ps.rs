@@ -1,19 +1,28 @@
-//! `tether ps`: the builds a daemon is running.
+//! `tether ps [--all]`: a daemon's builds, running ones or all it retains.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::bail;
-use serde_json::json;
-use tether_protocol::{ClientMessage, DaemonMessage};
+use serde_json::{json, Value};
+use tether_protocol::{BuildState, BuildSummary, ClientMessage, DaemonMessage, EndCause, ExitStatus};
 
 use super::connect::connect_existing;
+use super::exit;
 use crate::cli::PsArgs;
 
 const REQ: u64 = 1;
 
 pub async fn ps(args: PsArgs) -> anyhow::Result<i32> {
     let mut conn = connect_existing(&args.connect).await?;
-    let reply = conn.request(&ClientMessage::List { req: REQ }, REQ).await;
+    let reply = conn
+        .request(
+            &ClientMessage::List {
+                req: REQ,
+                all: args.all,
+            },
+            REQ,
+        )
+        .await;
     conn.close().await;
     let DaemonMessage::Builds { builds, .. } = reply? else {
         bail!("the daemon answered List with something else");
@@ -24,22 +33,78 @@ pub async fn ps(args: PsArgs) -> anyhow::Result<i32> {
         .unwrap_or(0);
     if args.json {
         for b in &builds {
-            let line = json!({
-                "build": b.build.0, "state": "running", "pid": b.pid, "command": b.command,
-                "started_at_ms": b.started_at_ms, "duration_ms": now_ms.saturating_sub(b.started_at_ms),
-            });
-            println!("{line}");
+            println!("{}", as_json(b, now_ms));
         }
         return Ok(0);
     }
-    println!("{:<28} {:<8} {:>8} {:>10}  COMMAND", "ID", "STATE", "PID", "DURATION");
+    println!(
+        "{:<28} {:<10} {:>8} {:>10} {:>5} {:>12}  COMMAND",
+        "ID", "STATE", "PID", "DURATION", "EXIT", "OUTPUT"
+    );
     for b in &builds {
-        let secs = now_ms.saturating_sub(b.started_at_ms) / 1000;
+        let (state, duration_ms, code) = match &b.state {
+            BuildState::Running => ("running", now_ms.saturating_sub(b.started_at_ms), String::new()),
+            BuildState::Finished {
+                status,
+                cause,
+                duration_ms,
+                ..
+            } => (cause_name(*cause), *duration_ms, exit_code(status, *cause).to_string()),
+        };
+        let secs = duration_ms / 1000;
         let duration = format!("{}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60);
         println!(
-            "{:<28} {:<8} {:>8} {:>10}  {}",
-            b.build.0, "running", b.pid, duration, b.command
+            "{:<28} {:<10} {:>8} {:>10} {:>5} {:>12}  {}",
+            b.build.0, state, b.pid, duration, code, b.output_end, b.command
         );
     }
     Ok(0)
+}
+
+fn cause_name(cause: EndCause) -> &'static str {
+    match cause {
+        EndCause::Completed => "exited",
+        EndCause::Cancelled => "cancelled",
+        EndCause::TimedOut => "timed-out",
+    }
+}
+
+fn as_json(b: &BuildSummary, now_ms: u64) -> Value {
+    let mut v = json!({
+        "build": b.build.0, "pid": b.pid, "command": b.command,
+        "started_at_ms": b.started_at_ms, "output_bytes": b.output_end,
+    });
+    match &b.state {
+        BuildState::Running => {
+            v["state"] = json!("running");
+            v["duration_ms"] = json!(now_ms.saturating_sub(b.started_at_ms));
+        }
+        BuildState::Finished {
+            status,
+            cause,
+            duration_ms,
+            finished_at_ms,
+            expires_at_ms,
+        } => {
+            v["state"] = json!(cause_name(*cause));
+            v["duration_ms"] = json!(duration_ms);
+            v["exit_code"] = json!(exit_code(status, *cause));
+            v["status"] = match status {
+                ExitStatus::Code(c) => json!({"code": c}),
+                ExitStatus::Signal { signal, core_dumped } => json!({"signal": signal, "core_dumped": core_dumped}),
+            };
+            v["finished_at_ms"] = json!(finished_at_ms);
+            v["expires_at_ms"] = json!(expires_at_ms);
+        }
+    }
+    v
+}
+
+/// The exit code `tether run` gave (or would give) for this build.
+fn exit_code(status: &ExitStatus, cause: EndCause) -> i32 {
+    if cause == EndCause::TimedOut {
+        exit::TIMED_OUT
+    } else {
+        exit::for_status(status)
+    }
 }

@@ -1,15 +1,15 @@
-//! The daemon's running builds: start, stdin, cancel, and forwarding of their events.
+//! The daemon's builds: start, stdin, cancel, follow, and their records after they end.
 //!
-//! Each build has a forwarder task that moves its executor events to the session that
-//! started it, and (when it takes stdin) a pump task that writes client stdin into its
-//! pipe and acknowledges it. A build outlives its session: when the session is gone,
-//! the forwarder keeps draining (and, for now, drops) its output so the build never
-//! blocks on a client that left.
+//! Each build has a forwarder task that moves its executor events into its [`Feed`]
+//! (which serves every session following it, live or from the spool) and, when it takes
+//! stdin, a pump task that writes client stdin into its pipe and acknowledges it. A
+//! build outlives the session that started it. Once it ends, its record (output spool
+//! and status) stays here until its retention period passes ([`Builds::expire`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tether_executor::{BuildControl, BuildEvent, BuildStdin, Executor, StartError};
 use tether_protocol::{self as wire, BuildId, DaemonMessage, ErrorKind, ErrorReport, RequestId};
@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 
 use super::convert;
+use super::follow::{Feed, Mode};
 use super::outbox::Outbox;
 
 enum StdinCmd {
@@ -24,19 +25,53 @@ enum StdinCmd {
     Close,
 }
 
-struct Entry {
+struct Running {
     control: BuildControl,
     stdin: Option<(mpsc::UnboundedSender<StdinCmd>, Arc<AtomicU64>)>,
-    summary: wire::BuildSummary,
 }
 
-/// All builds of this daemon.
+struct Finished {
+    exited: wire::Exited,
+    finished_at_ms: u64,
+    expires: Instant,
+    expires_at_ms: u64,
+}
+
+struct Entry {
+    summary: wire::BuildSummary,
+    /// What was asked to run, for idempotent starts.
+    command: wire::CommandSpec,
+    shell: Option<wire::Bytes>,
+    feed: Arc<Feed>,
+    running: Option<Running>,
+    finished: Option<Finished>,
+}
+
+impl Entry {
+    fn summary(&self) -> wire::BuildSummary {
+        let mut s = self.summary.clone();
+        s.output_end = self.feed.end();
+        if let Some(f) = &self.finished {
+            s.state = wire::BuildState::Finished {
+                status: f.exited.status,
+                cause: f.exited.cause,
+                duration_ms: f.exited.duration_ms,
+                finished_at_ms: f.finished_at_ms,
+                expires_at_ms: f.expires_at_ms,
+            };
+        }
+        s
+    }
+}
+
+/// All builds of this daemon, running and retained.
 pub struct Builds {
     executor: Executor,
     entries: Mutex<HashMap<BuildId, Entry>>,
     tasks: TaskTracker,
     accepting: AtomicBool,
     stdin_window: u64,
+    retain: Duration,
 }
 
 fn error(req: Option<RequestId>, build: Option<BuildId>, kind: ErrorKind, message: impl Into<String>) -> ErrorReport {
@@ -48,14 +83,31 @@ fn error(req: Option<RequestId>, build: Option<BuildId>, kind: ErrorKind, messag
     }
 }
 
+fn unknown(req: Option<RequestId>, build: &BuildId) -> ErrorReport {
+    error(
+        req,
+        Some(build.clone()),
+        ErrorKind::UnknownBuild,
+        format!("no build {build} (never started here, or its record expired)"),
+    )
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 impl Builds {
-    pub fn new(executor: Executor, stdin_window: u64) -> Arc<Builds> {
+    pub fn new(executor: Executor, stdin_window: u64, retain: Duration) -> Arc<Builds> {
         Arc::new(Builds {
             executor,
             entries: Mutex::new(HashMap::new()),
             tasks: TaskTracker::new(),
             accepting: AtomicBool::new(true),
             stdin_window,
+            retain,
         })
     }
 
@@ -63,9 +115,33 @@ impl Builds {
         self.entries.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Starts a build whose events go to `out`, and queues `Started` there before any of
-    /// its output (the forwarder starts only after `Started` is queued).
-    pub async fn start(self: &Arc<Self>, req: RequestId, spec: &wire::RunSpec, out: Outbox) -> Result<(), ErrorReport> {
+    /// Starts a build (or, when `spec.id` names one that exists, follows that one), and
+    /// queues `Started` on `out` before any of its output. With `follow`, the session
+    /// gets the build's output and exit.
+    pub async fn start(
+        self: &Arc<Self>,
+        req: RequestId,
+        spec: &wire::RunSpec,
+        follow: bool,
+        out: Outbox,
+    ) -> Result<(), ErrorReport> {
+        if let Some(id) = &spec.id {
+            if !wire::valid_build_id(id) {
+                return Err(error(
+                    Some(req),
+                    None,
+                    ErrorKind::BadRequest,
+                    format!(
+                        "invalid build id {id:?}: use 1 to {} letters, digits, '.', '_' or '-', not starting with '.' or '-'",
+                        wire::MAX_BUILD_ID_LEN
+                    ),
+                ));
+            }
+            if let Some(started) = self.existing(req, &BuildId(id.clone()), spec, follow, &out)? {
+                out.control(DaemonMessage::Started(started)).await;
+                return Ok(());
+            }
+        }
         if !self.accepting.load(Ordering::SeqCst) {
             return Err(error(
                 Some(req),
@@ -79,17 +155,15 @@ impl Builds {
                 StartError::NotFound { .. } => ErrorKind::CommandNotFound,
                 StartError::NotExecutable { .. } => ErrorKind::NotExecutable,
                 StartError::NoShell => ErrorKind::CommandNotFound,
-                StartError::EmptyCommand | StartError::Nul | StartError::BadWorkdir { .. } => ErrorKind::BadRequest,
-                StartError::BuildDir(_) | StartError::Io(_) => ErrorKind::Internal,
+                StartError::EmptyCommand | StartError::Nul | StartError::BadWorkdir { .. } | StartError::IdInUse(_) => {
+                    ErrorKind::BadRequest
+                }
+                StartError::BuildDir(_) | StartError::Spool(_) | StartError::Io(_) => ErrorKind::Internal,
             };
             error(Some(req), None, kind, e.to_string())
         })?;
         let id = BuildId(build.id.clone());
         tracing::info!(build = %id, pid = build.pid, shell = ?build.shell, "build started");
-        let started_at_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
         let stdin = build.stdin.take().map(|pipe| {
             let (tx, rx) = mpsc::unbounded_channel();
             let pending = Arc::new(AtomicU64::new(0));
@@ -97,45 +171,129 @@ impl Builds {
                 .spawn(pump_stdin(id.clone(), pipe, rx, Arc::clone(&pending), out.clone()));
             (tx, pending)
         });
+        let feed = Feed::new(id.clone(), build.spool.clone());
+        let shell = build.shell.as_deref().map(convert::path_bytes);
         let entry = Entry {
-            control: build.control.clone(),
-            stdin,
             summary: wire::BuildSummary {
                 build: id.clone(),
                 command: convert::describe(spec),
                 pid: build.pid,
-                started_at_ms,
+                started_at_ms: now_ms(),
+                output_end: 0,
+                state: wire::BuildState::Running,
             },
+            command: spec.command.clone(),
+            shell: shell.clone(),
+            feed: Arc::clone(&feed),
+            running: Some(Running {
+                control: build.control.clone(),
+                stdin,
+            }),
+            finished: None,
         };
         self.lock().insert(id.clone(), entry);
         let started = wire::Started {
             req,
             build: id.clone(),
             pid: build.pid,
-            shell: build.shell.as_deref().map(convert::path_bytes),
+            shell,
+            existing: false,
         };
         out.control(DaemonMessage::Started(started)).await;
-        self.tasks.spawn(forward(Arc::clone(self), id, build.events, out));
+        if follow {
+            // At position 0 of a build whose output has not been published: live.
+            let _ = feed.subscribe(out, 0, Mode::Follow);
+        }
+        self.tasks.spawn(forward(Arc::clone(self), id, build.events, feed));
         Ok(())
+    }
+
+    /// A Run naming an existing build: follow it from the start instead.
+    fn existing(
+        &self,
+        req: RequestId,
+        id: &BuildId,
+        spec: &wire::RunSpec,
+        follow: bool,
+        out: &Outbox,
+    ) -> Result<Option<wire::Started>, ErrorReport> {
+        let entries = self.lock();
+        let Some(entry) = entries.get(id) else {
+            return Ok(None);
+        };
+        if entry.command != spec.command {
+            return Err(error(
+                Some(req),
+                Some(id.clone()),
+                ErrorKind::BadRequest,
+                format!(
+                    "build id {id} is taken by another command ({:?}); choose another id",
+                    entry.summary.command
+                ),
+            ));
+        }
+        tracing::info!(build = %id, "run of an existing build id: following it instead of starting it again");
+        if follow {
+            let _ = entry.feed.subscribe(out.clone(), 0, Mode::Follow);
+        }
+        Ok(Some(wire::Started {
+            req,
+            build: id.clone(),
+            pid: entry.summary.pid,
+            shell: entry.shell.clone(),
+            existing: true,
+        }))
+    }
+
+    /// Follows a build from `from` (`u64::MAX`: its current end), or sends its output
+    /// so far (`follow` false). The `Attached` reply is queued before any output.
+    pub async fn attach(
+        &self,
+        req: RequestId,
+        build: &BuildId,
+        from: u64,
+        follow: bool,
+        out: Outbox,
+    ) -> Result<(), ErrorReport> {
+        let (summary, feed) = {
+            let entries = self.lock();
+            let entry = entries.get(build).ok_or_else(|| unknown(Some(req), build))?;
+            (entry.summary(), Arc::clone(&entry.feed))
+        };
+        let end = feed.end();
+        if from != u64::MAX && from > end {
+            return Err(error(
+                Some(req),
+                Some(build.clone()),
+                ErrorKind::BadRequest,
+                format!("position {from} is past the end of {build}'s output ({end} bytes so far)"),
+            ));
+        }
+        out.control(DaemonMessage::Attached { req, build: summary }).await;
+        let mode = if follow { Mode::Follow } else { Mode::Snapshot { req } };
+        feed.subscribe(out, from, mode).map_err(|e| {
+            error(
+                Some(req),
+                Some(build.clone()),
+                ErrorKind::BadRequest,
+                format!(
+                    "position {from} is past the end of {build}'s output ({} bytes so far)",
+                    e.end
+                ),
+            )
+        })
     }
 
     /// Queues stdin bytes for a build, within its window.
     pub fn stdin(&self, build: &BuildId, data: Vec<u8>) -> Result<(), ErrorReport> {
         let entries = self.lock();
-        let Some(entry) = entries.get(build) else {
-            return Err(error(
-                None,
-                Some(build.clone()),
-                ErrorKind::UnknownBuild,
-                format!("no build {build}"),
-            ));
-        };
-        let Some((tx, pending)) = &entry.stdin else {
+        let entry = entries.get(build).ok_or_else(|| unknown(None, build))?;
+        let Some((tx, pending)) = entry.running.as_ref().and_then(|r| r.stdin.as_ref()) else {
             return Err(error(
                 None,
                 Some(build.clone()),
                 ErrorKind::BadRequest,
-                "the build was not started with stdin",
+                "the build was not started with stdin, or has finished",
             ));
         };
         let len = data.len() as u64;
@@ -155,57 +313,71 @@ impl Builds {
 
     /// Closes a build's stdin after the data queued so far.
     pub fn close_stdin(&self, build: &BuildId) -> Result<(), ErrorReport> {
-        match self.lock().get(build) {
-            Some(Entry {
-                stdin: Some((tx, _)), ..
-            }) => {
-                let _ = tx.send(StdinCmd::Close);
-                Ok(())
-            }
-            Some(_) => Ok(()),
-            None => Err(error(
-                None,
-                Some(build.clone()),
-                ErrorKind::UnknownBuild,
-                format!("no build {build}"),
-            )),
+        let entries = self.lock();
+        let entry = entries.get(build).ok_or_else(|| unknown(None, build))?;
+        if let Some((tx, _)) = entry.running.as_ref().and_then(|r| r.stdin.as_ref()) {
+            let _ = tx.send(StdinCmd::Close);
         }
+        Ok(())
     }
 
     /// Stops reading one output stream of a build and closes tether's end of its pipe.
     pub fn close_output(&self, build: &BuildId, stream: wire::OutputStream) -> Result<(), ErrorReport> {
-        match self.lock().get(build) {
-            Some(entry) => {
-                tracing::info!(build = %build, ?stream, "client closed its output; closing the build's pipe");
-                entry.control.close_output(convert::stream_from_wire(stream));
+        let entries = self.lock();
+        let entry = entries.get(build).ok_or_else(|| unknown(None, build))?;
+        if let Some(running) = &entry.running {
+            tracing::info!(build = %build, ?stream, "client closed its output; closing the build's pipe");
+            running.control.close_output(convert::stream_from_wire(stream));
+        }
+        Ok(())
+    }
+
+    /// Cancels one running build.
+    pub fn cancel(&self, req: RequestId, build: &BuildId, force: bool) -> Result<(), ErrorReport> {
+        let entries = self.lock();
+        let entry = entries.get(build).ok_or_else(|| unknown(Some(req), build))?;
+        match &entry.running {
+            Some(running) => {
+                tracing::info!(build = %build, force, "cancelling build");
+                running.control.cancel(force);
                 Ok(())
             }
             None => Err(error(
-                None,
+                Some(req),
                 Some(build.clone()),
-                ErrorKind::UnknownBuild,
-                format!("no build {build}"),
+                ErrorKind::BadRequest,
+                format!("build {build} has already finished"),
             )),
         }
     }
 
-    /// Cancels one build; false if there is no such build.
-    pub fn cancel(&self, build: &BuildId, force: bool) -> bool {
-        match self.lock().get(build) {
-            Some(entry) => {
-                tracing::info!(build = %build, force, "cancelling build");
-                entry.control.cancel(force);
-                true
-            }
-            None => false,
-        }
+    /// The builds, running ones only unless `all`, oldest first.
+    pub fn summaries(&self, all: bool) -> Vec<wire::BuildSummary> {
+        let mut list: Vec<_> = self
+            .lock()
+            .values()
+            .filter(|e| all || e.running.is_some())
+            .map(Entry::summary)
+            .collect();
+        list.sort_by(|a, b| (a.started_at_ms, &a.build).cmp(&(b.started_at_ms, &b.build)));
+        list
     }
 
-    /// The running builds, for `Welcome`.
-    pub fn summaries(&self) -> Vec<wire::BuildSummary> {
-        let mut list: Vec<_> = self.lock().values().map(|e| e.summary.clone()).collect();
-        list.sort_by(|a, b| a.build.cmp(&b.build));
-        list
+    /// Drops the records of builds whose retention period passed; returns how many.
+    pub fn expire(&self, now: Instant) -> usize {
+        let mut entries = self.lock();
+        let expired: Vec<BuildId> = entries
+            .iter()
+            .filter(|(_, e)| e.finished.as_ref().is_some_and(|f| f.expires <= now))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &expired {
+            if let Some(entry) = entries.remove(id) {
+                entry.feed.spool().remove();
+                tracing::info!(build = %id, "build record expired; output and status removed");
+            }
+        }
+        expired.len()
     }
 
     /// Refuses new builds, cancels the running ones (grace period applies) and waits
@@ -213,41 +385,38 @@ impl Builds {
     pub async fn shutdown(&self) {
         self.accepting.store(false, Ordering::SeqCst);
         for entry in self.lock().values() {
-            entry.control.cancel(false);
+            if let Some(running) = &entry.running {
+                running.control.cancel(false);
+            }
         }
         self.tasks.close();
         self.tasks.wait().await;
     }
 
-    fn remove(&self, build: &BuildId) {
-        self.lock().remove(build);
+    fn finished(&self, build: &BuildId, exited: &wire::Exited) {
+        let mut entries = self.lock();
+        if let Some(entry) = entries.get_mut(build) {
+            let finished_at_ms = now_ms();
+            entry.running = None;
+            entry.finished = Some(Finished {
+                exited: exited.clone(),
+                finished_at_ms,
+                expires: Instant::now() + self.retain,
+                expires_at_ms: finished_at_ms.saturating_add(self.retain.as_millis() as u64),
+            });
+        }
     }
 }
 
-async fn forward(builds: Arc<Builds>, id: BuildId, mut events: mpsc::Receiver<BuildEvent>, out: Outbox) {
-    let mut out = Some(out);
+async fn forward(builds: Arc<Builds>, id: BuildId, mut events: mpsc::Receiver<BuildEvent>, feed: Arc<Feed>) {
     while let Some(event) = events.recv().await {
         match event {
-            BuildEvent::Output(chunk) => {
-                let Some(o) = &out else { continue };
-                let msg = DaemonMessage::Output {
-                    build: id.clone(),
-                    stream: convert::stream(chunk.stream),
-                    offset: chunk.offset,
-                    data: wire::Bytes::from(chunk.data),
-                };
-                if !o.data(msg).await {
-                    tracing::debug!(build = %id, "session gone; output of this build is dropped");
-                    out = None;
-                }
-            }
+            BuildEvent::Output(chunk) => feed.publish(chunk),
             BuildEvent::Finished(outcome) => {
-                builds.remove(&id);
                 let exited = convert::exited(id.clone(), &outcome);
                 tracing::info!(build = %id, status = ?exited.status, cause = ?exited.cause, duration_ms = exited.duration_ms, "build finished");
-                if let Some(o) = &out {
-                    o.data(DaemonMessage::Exited(exited)).await;
-                }
+                builds.finished(&id, &exited);
+                feed.finish(exited);
                 return;
             }
         }

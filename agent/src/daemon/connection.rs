@@ -7,13 +7,20 @@
 //! session's queues, control before data, batching frames into large writes. When a new
 //! session starts, the old session's queues are dropped: their senders see the session
 //! gone, and nothing of the old session follows the new preamble.
+//!
+//! Heartbeats: the reader pings the session's client every heartbeat interval, and a
+//! client that sent nothing at all for the heartbeat timeout is gone: on a socket the
+//! connection is closed; on stdin the session ends (its subscriptions with it) and the
+//! stream waits for the next client's preamble. Builds are never touched.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tether_protocol::{ClientMessage, DaemonMessage, ErrorKind, PREAMBLE};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
+use tokio::time::{sleep_until, Instant};
 
 use super::outbox::{outbox, OutboxRx};
 use super::session::Session;
@@ -25,6 +32,16 @@ const BATCH_BYTES: usize = 256 * 1024;
 
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 
+/// What kind of stream a connection is, for what a silent client costs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// The daemon's stdin/stdout: one stream for the daemon's life, sessions follow
+    /// each other on it.
+    Stdio,
+    /// One socket connection: its session is the whole connection.
+    Socket,
+}
+
 /// A running connection: its session loop and its writer.
 pub struct Connection {
     /// Ends when the input stream ends or fails.
@@ -35,11 +52,16 @@ pub struct Connection {
 
 impl Connection {
     /// Starts serving sessions from `inbound`, writing to `sink`.
-    pub fn spawn(daemon: Arc<Daemon>, inbound: mpsc::Receiver<Inbound<ClientMessage>>, sink: Sink) -> Connection {
+    pub fn spawn(
+        daemon: Arc<Daemon>,
+        inbound: mpsc::Receiver<Inbound<ClientMessage>>,
+        sink: Sink,
+        transport: Transport,
+    ) -> Connection {
         let (switch_tx, switch_rx) = mpsc::channel(1);
         let (stop, stop_rx) = oneshot::channel();
         let writer = tokio::spawn(write_loop(sink, switch_rx, stop_rx));
-        let reader = tokio::spawn(read_loop(daemon, inbound, switch_tx));
+        let reader = tokio::spawn(read_loop(daemon, inbound, switch_tx, transport));
         Connection { reader, writer, stop }
     }
 
@@ -54,13 +76,55 @@ impl Connection {
     }
 }
 
+/// Far enough away to mean "never" for a timer.
+fn never() -> Instant {
+    Instant::now() + Duration::from_secs(86400 * 365)
+}
+
 async fn read_loop(
     daemon: Arc<Daemon>,
     mut inbound: mpsc::Receiver<Inbound<ClientMessage>>,
-    switch_tx: mpsc::Sender<OutboxRx>,
+    switch_tx: mpsc::Sender<Option<OutboxRx>>,
+    transport: Transport,
 ) {
     let mut session: Option<Session> = None;
-    while let Some(item) = inbound.recv().await {
+    let mut heard = Instant::now();
+    let mut ping = tokio::time::interval_at(Instant::now() + daemon.heartbeat, daemon.heartbeat);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut nonce = 0u64;
+    loop {
+        let deadline = if session.is_some() {
+            heard + daemon.heartbeat_timeout
+        } else {
+            never()
+        };
+        let item = tokio::select! {
+            item = inbound.recv() => match item {
+                Some(item) => item,
+                None => break,
+            },
+            _ = ping.tick(), if session.is_some() => {
+                if let Some(s) = &session {
+                    nonce += 1;
+                    s.ping(nonce);
+                }
+                continue;
+            }
+            _ = sleep_until(deadline) => {
+                let old = session.take().map(|s| s.id);
+                tracing::warn!(session = ?old, silent = ?daemon.heartbeat_timeout, "client sent nothing within the heartbeat timeout; dropping its session");
+                match transport {
+                    Transport::Socket => break,
+                    Transport::Stdio => {
+                        if switch_tx.send(None).await.is_err() {
+                            break;
+                        }
+                        continue;
+                    }
+                }
+            }
+        };
+        heard = Instant::now();
         match item {
             Inbound::Preamble => {
                 let (out, rx) = outbox();
@@ -72,9 +136,10 @@ async fn read_loop(
                         "new session on the same stream; the old one ends"
                     );
                 }
-                if switch_tx.send(rx).await.is_err() {
+                if switch_tx.send(Some(rx)).await.is_err() {
                     break;
                 }
+                ping.reset();
             }
             Inbound::Message(msg) => match &mut session {
                 Some(s) => s.handle(msg).await,
@@ -109,11 +174,13 @@ async fn read_loop(
 
 enum Next {
     Stop,
-    Switch(Option<OutboxRx>),
+    /// `Some(Some(rx))`: a new session; `Some(None)`: the session ended; `None`: the
+    /// reader is gone.
+    Switch(Option<Option<OutboxRx>>),
     Message(Option<DaemonMessage>),
 }
 
-async fn write_loop(mut sink: Sink, mut switch: mpsc::Receiver<OutboxRx>, mut stop: oneshot::Receiver<()>) {
+async fn write_loop(mut sink: Sink, mut switch: mpsc::Receiver<Option<OutboxRx>>, mut stop: oneshot::Receiver<()>) {
     let mut broken = false;
     let mut current: Option<OutboxRx> = None;
     let mut switch_open = true;
@@ -147,9 +214,13 @@ async fn write_loop(mut sink: Sink, mut switch: mpsc::Receiver<OutboxRx>, mut st
         };
         match next {
             Next::Stop => stopping = true,
-            Next::Switch(Some(rx)) => {
+            Next::Switch(Some(Some(rx))) => {
                 current = Some(rx);
                 buf.extend_from_slice(PREAMBLE);
+                continue;
+            }
+            Next::Switch(Some(None)) => {
+                current = None;
                 continue;
             }
             Next::Switch(None) => switch_open = false,

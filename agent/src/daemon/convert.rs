@@ -20,6 +20,7 @@ pub fn path_bytes(p: &std::path::Path) -> wire::Bytes {
 /// A wire run request as an executor spec.
 pub fn build_spec(spec: &wire::RunSpec) -> BuildSpec {
     BuildSpec {
+        id: spec.id.clone(),
         name: spec.name.clone(),
         command: match &spec.command {
             wire::CommandSpec::Argv(argv) => CommandSpec::Argv(argv.iter().map(os).collect()),

@@ -9,6 +9,7 @@
 pub mod builds;
 pub mod connection;
 pub mod convert;
+pub mod follow;
 pub mod outbox;
 pub mod session;
 pub mod socket;
@@ -38,6 +39,13 @@ pub struct ServeOptions {
     pub socket: Option<PathBuf>,
     pub allow_uids: Vec<u32>,
     pub allow_gids: Vec<u32>,
+    /// How long finished builds' records are kept.
+    pub retain: Duration,
+    pub quota_build: u64,
+    pub quota_total: u64,
+    /// Ping interval, and how long a silent client's session lives.
+    pub heartbeat: Duration,
+    pub heartbeat_timeout: Duration,
 }
 
 /// State shared by every session.
@@ -45,6 +53,8 @@ pub struct Daemon {
     pub builds: Arc<Builds>,
     pub version: String,
     pub limits: wire::Limits,
+    pub heartbeat: Duration,
+    pub heartbeat_timeout: Duration,
 }
 
 /// Inbound items buffered between the stdin reader thread and the session loop.
@@ -68,6 +78,10 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     }
     config.default_grace = opts.grace;
     config.chunk_size = wire::MAX_CHUNK;
+    config.spool = tether_executor::spool::SpoolLimits {
+        build_quota: opts.quota_build,
+        total_quota: opts.quota_total,
+    };
     let (executor, swept) = Executor::new(config).context("cannot start the executor")?;
     for dir in &swept.removed_instances {
         tracing::info!(dir = %dir.display(), "removed the state of a daemon that died");
@@ -79,14 +93,18 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     tracing::info!(state = %state.display(), pid = std::process::id(), "tether serve started");
 
     let daemon = Arc::new(Daemon {
-        builds: Builds::new(executor.clone(), u64::from(wire::DEFAULT_STDIN_WINDOW)),
+        builds: Builds::new(executor.clone(), u64::from(wire::DEFAULT_STDIN_WINDOW), opts.retain),
         version: env!("CARGO_PKG_VERSION").to_owned(),
         limits: wire::Limits {
             max_payload: wire::MAX_PAYLOAD as u32,
             max_chunk: wire::MAX_CHUNK as u32,
             stdin_window: wire::DEFAULT_STDIN_WINDOW,
+            heartbeat_ms: opts.heartbeat.as_millis().clamp(1, u32::MAX as u128) as u32,
         },
+        heartbeat: opts.heartbeat.max(Duration::from_millis(1)),
+        heartbeat_timeout: opts.heartbeat_timeout,
     });
+    let expiry = tokio::spawn(expire_records(Arc::clone(&daemon.builds), opts.retain));
 
     let (tx, rx) = mpsc::channel::<crate::wire::Inbound<ClientMessage>>(INBOUND_QUEUE);
     std::thread::Builder::new()
@@ -94,7 +112,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         .spawn(move || read_blocking(std::fs::File::from(frames_in), tx))
         .context("cannot start the stdin reader")?;
     let sink = Sink::thread(frames_out, "stdout-writer").context("cannot start the stdout writer")?;
-    let mut stdio = connection::Connection::spawn(Arc::clone(&daemon), rx, sink);
+    let mut stdio = connection::Connection::spawn(Arc::clone(&daemon), rx, sink, connection::Transport::Stdio);
     let (stop_sockets, sockets_stopped) = tokio::sync::watch::channel(false);
     let socket_task = match (listener, &opts.socket) {
         (Some(listener), Some(path)) => {
@@ -132,6 +150,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         }
     };
     tracing::info!(reason, "shutting down: cancelling builds");
+    expiry.abort();
     daemon.builds.shutdown().await;
     let _ = stop_sockets.send(true);
     if let Some(task) = socket_task {
@@ -145,6 +164,19 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     }
     tracing::info!("tether serve stopped");
     Ok(())
+}
+
+/// Drops finished builds' records once their retention period passed: checked at a
+/// tenth of the period (between 100 ms and 30 s), so a record lives at most that much
+/// longer than asked.
+async fn expire_records(builds: Arc<Builds>, retain: Duration) {
+    let every = (retain / 10).clamp(Duration::from_millis(100), Duration::from_secs(30));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        builds.expire(std::time::Instant::now());
+    }
 }
 
 /// Takes fds 0 and 1 for the protocol and points them at /dev/null and stderr.

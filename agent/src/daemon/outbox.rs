@@ -3,12 +3,26 @@
 //! Two queues so that a build flooding output never delays a pong or a reply: the
 //! connection's writer always empties the control queue first. Everything about one
 //! build goes through the data queue, which keeps `Output` before `Exited`.
+//!
+//! The data queue is bounded in messages (each at most one chunk): it is all the memory
+//! a client that stops reading can hold in the daemon. Whoever feeds it either never
+//! waits ([`Outbox::try_data`], the live path of a build) or waits on a thread of its
+//! own ([`Outbox::blocking_data`], a follower catching up from the spool).
 
 use tether_protocol::DaemonMessage;
 use tokio::sync::mpsc;
 
 const CONTROL_QUEUE: usize = 256;
-const DATA_QUEUE: usize = 64;
+const DATA_QUEUE: usize = 32;
+
+/// Why [`Outbox::try_data`] did not queue a message.
+#[derive(Debug)]
+pub enum Full {
+    /// The client is behind; the message was not queued.
+    Behind,
+    /// The session is gone.
+    Gone,
+}
 
 /// The sending side, cloned into every task that talks to the session's client.
 #[derive(Clone, Debug)]
@@ -46,9 +60,23 @@ impl Outbox {
         self.control.send(msg).await.is_ok()
     }
 
-    /// Queues a data message, waiting while the client is behind; false once the
-    /// session is gone.
-    pub async fn data(&self, msg: DaemonMessage) -> bool {
-        self.data.send(msg).await.is_ok()
+    /// Queues a control message unless the queue is full (heartbeats: a client that is
+    /// that far behind gains nothing from another ping); false once the session is gone.
+    pub fn try_control(&self, msg: DaemonMessage) -> bool {
+        !matches!(self.control.try_send(msg), Err(mpsc::error::TrySendError::Closed(_)))
+    }
+
+    /// Queues a data message if there is room now.
+    pub fn try_data(&self, msg: DaemonMessage) -> Result<(), Full> {
+        self.data.try_send(msg).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => Full::Behind,
+            mpsc::error::TrySendError::Closed(_) => Full::Gone,
+        })
+    }
+
+    /// Queues a data message, blocking this thread while the client is behind; false
+    /// once the session is gone. Only for threads outside the runtime.
+    pub fn blocking_data(&self, msg: DaemonMessage) -> bool {
+        self.data.blocking_send(msg).is_ok()
     }
 }

@@ -30,6 +30,11 @@ impl Session {
         }
     }
 
+    /// Sends a heartbeat (dropped when the client is that far behind).
+    pub fn ping(&self, nonce: u64) {
+        self.out.try_control(DaemonMessage::Ping { nonce });
+    }
+
     /// Reports an error to the client.
     pub async fn error(&self, req: Option<RequestId>, build: Option<BuildId>, kind: ErrorKind, message: String) {
         self.out
@@ -55,7 +60,18 @@ impl Session {
                 self.out.control(DaemonMessage::Pong { nonce }).await;
             }
             ClientMessage::Pong { .. } => {}
-            ClientMessage::Run { req, spec } => self.on_run(req, spec).await,
+            ClientMessage::Run { req, spec, follow } => self.on_run(req, spec, follow).await,
+            ClientMessage::Attach {
+                req,
+                build,
+                from,
+                follow,
+            } => {
+                let out = self.out.clone();
+                if let Err(e) = self.daemon.builds.attach(req, &build, from, follow, out).await {
+                    self.out.control(DaemonMessage::Error(e)).await;
+                }
+            }
             ClientMessage::Stdin { build, data } => {
                 if let Err(e) = self.daemon.builds.stdin(&build, data.into_vec()) {
                     self.out.control(DaemonMessage::Error(e)).await;
@@ -71,19 +87,18 @@ impl Session {
                     self.out.control(DaemonMessage::Error(e)).await;
                 }
             }
-            ClientMessage::List { req } => {
-                let builds = self.daemon.builds.summaries();
+            ClientMessage::List { req, all } => {
+                let builds = self.daemon.builds.summaries(all);
                 self.out.control(DaemonMessage::Builds { req, builds }).await;
             }
-            ClientMessage::Cancel { req, build, force } => {
-                if self.daemon.builds.cancel(&build, force) {
+            ClientMessage::Cancel { req, build, force } => match self.daemon.builds.cancel(req, &build, force) {
+                Ok(()) => {
                     self.out.control(DaemonMessage::Ack { req }).await;
-                } else {
-                    let message = format!("no running build {build}");
-                    self.error(Some(req), Some(build), ErrorKind::UnknownBuild, message)
-                        .await;
                 }
-            }
+                Err(e) => {
+                    self.out.control(DaemonMessage::Error(e)).await;
+                }
+            },
         }
     }
 
@@ -101,13 +116,13 @@ impl Session {
             daemon_version: self.daemon.version.clone(),
             capabilities: Vec::new(),
             limits: self.daemon.limits,
-            builds: self.daemon.builds.summaries(),
+            builds: self.daemon.builds.summaries(false),
         };
         self.out.control(DaemonMessage::Welcome(welcome)).await;
     }
 
-    async fn on_run(&mut self, req: RequestId, spec: wire::RunSpec) {
-        match self.daemon.builds.start(req, &spec, self.out.clone()).await {
+    async fn on_run(&mut self, req: RequestId, spec: wire::RunSpec, follow: bool) {
+        match self.daemon.builds.start(req, &spec, follow, self.out.clone()).await {
             Ok(()) => {}
             Err(e) => {
                 tracing::info!(session = self.id, error = %e.message, "build not started");

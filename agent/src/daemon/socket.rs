@@ -26,7 +26,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
 use tokio_util::task::TaskTracker;
 
-use super::connection::Connection;
+use super::connection::{Connection, Transport};
 use super::Daemon;
 use crate::wire::{push_frame, read_async, Sink};
 
@@ -118,7 +118,7 @@ async fn serve_one(stream: UnixStream, daemon: Arc<Daemon>, access: Access, mut 
     let (read, write) = stream.into_split();
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(read_async(read, tx));
-    let mut conn = Connection::spawn(daemon, rx, Sink::Async(Box::new(write)));
+    let mut conn = Connection::spawn(daemon, rx, Sink::Async(Box::new(write)), Transport::Socket);
     tokio::select! {
         _ = &mut conn.reader => {}
         _ = shutdown.wait_for(|stop| *stop) => {}

@@ -231,8 +231,12 @@ impl Session {
     pub fn run_build(&mut self, req: RequestId, spec: RunSpec, timeout: Duration) -> anyhow::Result<BuildRun> {
         let t0 = Instant::now();
         let deadline = t0 + timeout;
-        self.send(&ClientMessage::Run { req, spec })
-            .with_context(|| format!("sending Run {req}"))?;
+        self.send(&ClientMessage::Run {
+            req,
+            spec,
+            follow: true,
+        })
+        .with_context(|| format!("sending Run {req}"))?;
         let mut build: Option<Started> = None;
         let mut output_bytes = 0u64;
         let mut to_started = Duration::ZERO;

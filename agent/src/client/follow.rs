@@ -1,0 +1,420 @@
+//! Following one build over a connection that may break: the shared loop of `run`,
+//! `attach` and `logs`.
+//!
+//! The client remembers the build-wide position after the last byte it printed. When
+//! the stream breaks or the daemon goes silent past the heartbeat timeout, and
+//! reconnecting is on, it connects again (backoff from 100 ms doubling to 5 s, for at
+//! most `--reconnect-timeout`) and asks for the build from that position: nothing is
+//! printed twice, nothing is missed, and the exit code is the build's. A `run` whose
+//! build had not been confirmed yet sends its `Run` again with the same id, which the
+//! daemon answers by following the build if it was started after all: a retry never
+//! runs a build twice.
+
+use std::io::Read;
+use std::os::fd::AsFd;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail};
+use tether_protocol::{self as wire, BuildId, ClientMessage, DaemonMessage, ErrorKind, RunSpec};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
+use tokio::time::{sleep_until, Instant};
+
+use super::connect::{connect, Connection};
+use super::exit;
+use super::output::Output;
+use crate::cli::ConnectArgs;
+use crate::wire::Inbound;
+
+const MAIN_REQ: u64 = 1;
+const CANCEL_REQ: u64 = 2;
+
+/// First and largest pause between reconnection attempts.
+const BACKOFF_START: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// What the loop is for.
+pub enum Goal {
+    /// Start a build (or follow the one with the spec's id) and follow it.
+    Run {
+        spec: RunSpec,
+        /// Print the id once started and return at once.
+        detach: bool,
+        /// Forward our stdin.
+        stdin: bool,
+    },
+    /// Follow a build from `from` (`None`: its current end).
+    Attach { build: BuildId, from: Option<u64> },
+    /// Print a build's output so far.
+    Logs { build: BuildId },
+}
+
+/// Why following stopped without an exit code.
+enum Stop {
+    /// The connection broke or went silent: worth reconnecting.
+    Lost(anyhow::Error),
+    /// Anything else: tether's failure.
+    Fatal(anyhow::Error),
+}
+
+impl From<anyhow::Error> for Stop {
+    fn from(e: anyhow::Error) -> Stop {
+        Stop::Lost(e)
+    }
+}
+
+/// State that survives reconnections.
+struct Progress {
+    build: Option<BuildId>,
+    /// Cancels asked for: 0 none, 1 graceful, 2 forced.
+    cancels: u8,
+    /// Whether the position is known (attach from the end learns it from the first
+    /// reply).
+    positioned: bool,
+}
+
+/// Follows as `goal` says; returns the exit code.
+pub async fn follow(goal: Goal, connect_args: &ConnectArgs, out: &mut Output) -> anyhow::Result<i32> {
+    let stdin = matches!(goal, Goal::Run { stdin: true, .. });
+    // Stdin already handed to a build cannot be replayed exactly: no reconnecting then.
+    let reconnect = connect_args.reconnects() && !stdin;
+    let mut progress = Progress {
+        build: match &goal {
+            Goal::Run { .. } => None,
+            Goal::Attach { build, .. } | Goal::Logs { build } => Some(build.clone()),
+        },
+        cancels: 0,
+        positioned: !matches!(goal, Goal::Attach { from: None, .. }),
+    };
+    if let Goal::Attach { from: Some(from), .. } = goal {
+        out.seek(from);
+    }
+    let mut conn = connect(connect_args).await?;
+    loop {
+        let result = session(&mut conn, &goal, &mut progress, out, connect_args).await;
+        match result {
+            Ok(code) => {
+                conn.close().await;
+                return Ok(code);
+            }
+            Err(Stop::Lost(e)) if reconnect => {
+                tracing::warn!("{}: {e:#}; reconnecting", conn.describe());
+                conn.close().await;
+                conn = reconnect_with_backoff(connect_args, e).await?;
+            }
+            Err(Stop::Lost(e) | Stop::Fatal(e)) => {
+                conn.close().await;
+                return Err(e);
+            }
+        }
+    }
+}
+
+async fn reconnect_with_backoff(args: &ConnectArgs, why: anyhow::Error) -> anyhow::Result<Connection> {
+    let deadline = Instant::now() + args.reconnect_timeout;
+    let mut pause = BACKOFF_START;
+    let mut last = why;
+    loop {
+        if Instant::now() + pause > deadline {
+            bail!(
+                "lost the connection to the daemon and could not reconnect within {}: {last:#}",
+                humantime::format_duration(args.reconnect_timeout)
+            );
+        }
+        tokio::time::sleep(pause).await;
+        match connect(args).await {
+            Ok(conn) => {
+                tracing::info!("reconnected");
+                return Ok(conn);
+            }
+            Err(e) => {
+                tracing::debug!("reconnecting failed: {e:#}");
+                last = e;
+            }
+        }
+        pause = (pause * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// Stdin forwarding state.
+struct StdinFwd {
+    rx: mpsc::Receiver<Option<Vec<u8>>>,
+    sent: u64,
+    acked: u64,
+    window: u64,
+    open: bool,
+}
+
+fn start_stdin_reader(chunk: usize) -> anyhow::Result<mpsc::Receiver<Option<Vec<u8>>>> {
+    let fd = std::io::stdin().as_fd().try_clone_to_owned()?;
+    let (tx, rx) = mpsc::channel(2);
+    std::thread::Builder::new().name("stdin".into()).spawn(move || {
+        let mut file = std::fs::File::from(fd);
+        let mut buf = vec![0u8; chunk];
+        loop {
+            let item = match file.read(&mut buf) {
+                Ok(0) | Err(_) => None,
+                Ok(n) => Some(buf[..n].to_vec()),
+            };
+            let end = item.is_none();
+            if tx.blocking_send(item).is_err() || end {
+                return;
+            }
+        }
+    })?;
+    Ok(rx)
+}
+
+async fn recv_stdin(stdin: &mut Option<StdinFwd>) -> Option<Vec<u8>> {
+    match stdin {
+        Some(s) => s.rx.recv().await.flatten(),
+        None => std::future::pending().await,
+    }
+}
+
+/// Opens the request on this connection (first time or after a reconnect).
+async fn open(conn: &Connection, goal: &Goal, progress: &Progress, out: &Output) -> Result<(), Stop> {
+    let msg = match (goal, &progress.build) {
+        (Goal::Run { spec, detach, .. }, None) => ClientMessage::Run {
+            req: MAIN_REQ,
+            spec: spec.clone(),
+            follow: !detach,
+        },
+        (Goal::Logs { .. }, Some(build)) => ClientMessage::Attach {
+            req: MAIN_REQ,
+            build: build.clone(),
+            from: out.position(),
+            follow: false,
+        },
+        (_, Some(build)) => ClientMessage::Attach {
+            req: MAIN_REQ,
+            build: build.clone(),
+            from: if progress.positioned { out.position() } else { u64::MAX },
+            follow: true,
+        },
+        (_, None) => return Err(Stop::Fatal(anyhow!("no build to follow"))),
+    };
+    conn.writer.send(&msg).await?;
+    Ok(())
+}
+
+async fn session(
+    conn: &mut Connection,
+    goal: &Goal,
+    progress: &mut Progress,
+    out: &mut Output,
+    args: &ConnectArgs,
+) -> Result<i32, Stop> {
+    open(conn, goal, progress, out).await?;
+    let cancels_on_signal = matches!(goal, Goal::Run { .. });
+    let mut sigint = signal(SignalKind::interrupt()).map_err(|e| Stop::Fatal(e.into()))?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(|e| Stop::Fatal(e.into()))?;
+    let mut sighup = signal(SignalKind::hangup()).map_err(|e| Stop::Fatal(e.into()))?;
+    if cancels_on_signal {
+        if let (Some(b), c @ 1..) = (&progress.build, progress.cancels) {
+            send_cancel(conn, b, c > 1).await?;
+        }
+    }
+    let mut stdin: Option<StdinFwd> = None;
+    let mut heard = Instant::now();
+    loop {
+        let can_send_stdin = stdin.as_ref().is_some_and(|s| s.open && s.sent - s.acked < s.window);
+        let signalled = tokio::select! {
+            item = conn.inbound.recv() => {
+                heard = Instant::now();
+                let msg = match item {
+                    Some(Inbound::Message(m)) => m,
+                    Some(Inbound::Preamble) => continue,
+                    Some(Inbound::Corrupt(c)) => {
+                        tracing::warn!(corruption = %c, "damaged data from the daemon skipped");
+                        continue;
+                    }
+                    Some(Inbound::Undecodable(e)) => {
+                        tracing::warn!(error = %e, "undecodable frame from the daemon skipped");
+                        continue;
+                    }
+                    None | Some(Inbound::Eof(_)) | Some(Inbound::Failed(_)) => {
+                        return Err(Stop::Lost(anyhow!("the connection closed before the build finished")));
+                    }
+                };
+                if let Some(code) = on_message(conn, goal, progress, out, &mut stdin, msg).await? {
+                    return Ok(code);
+                }
+                continue;
+            }
+            chunk = recv_stdin(&mut stdin), if can_send_stdin => {
+                let (Some(s), Some(b)) = (&mut stdin, &progress.build) else { continue };
+                match chunk {
+                    Some(data) => {
+                        s.sent += data.len() as u64;
+                        conn.writer.send(&ClientMessage::Stdin { build: b.clone(), data: wire::Bytes::from(data) }).await?;
+                    }
+                    None => {
+                        s.open = false;
+                        conn.writer.send(&ClientMessage::CloseStdin { build: b.clone() }).await?;
+                    }
+                }
+                continue;
+            }
+            _ = sleep_until(heard + args.heartbeat_timeout) => {
+                return Err(Stop::Lost(anyhow!(
+                    "the daemon sent nothing for {}",
+                    humantime::format_duration(args.heartbeat_timeout)
+                )));
+            }
+            _ = sigint.recv() => 2,
+            _ = sigterm.recv() => 1,
+            _ = sighup.recv() => 1,
+        };
+        if !cancels_on_signal {
+            // attach and logs only watch: a signal ends them, never the build.
+            return Ok(128 + if signalled == 2 { libc::SIGINT } else { libc::SIGTERM });
+        }
+        // A second Ctrl-C forces; SIGTERM/SIGHUP ask for a graceful cancel.
+        progress.cancels = if signalled == 2 {
+            (progress.cancels + 1).min(2)
+        } else {
+            progress.cancels.max(1)
+        };
+        if let Some(b) = &progress.build {
+            send_cancel(conn, b, progress.cancels > 1).await?;
+        }
+    }
+}
+
+/// Handles one message; `Some(code)` ends following.
+async fn on_message(
+    conn: &mut Connection,
+    goal: &Goal,
+    progress: &mut Progress,
+    out: &mut Output,
+    stdin: &mut Option<StdinFwd>,
+    msg: DaemonMessage,
+) -> Result<Option<i32>, Stop> {
+    let ours = |b: &BuildId| progress.build.as_ref() == Some(b);
+    match msg {
+        DaemonMessage::Started(s) if s.req == MAIN_REQ => {
+            tracing::debug!(build = %s.build, pid = s.pid, existing = s.existing, "started");
+            if s.existing {
+                tracing::info!(build = %s.build, "a build with this id exists; following it from its start");
+            }
+            let first = progress.build.is_none();
+            progress.build = Some(s.build.clone());
+            if let Goal::Run { detach: true, .. } = goal {
+                println!("{}", s.build);
+                return Ok(Some(0));
+            }
+            if first {
+                if let Err(e) = out.started(&s).await {
+                    tracing::debug!(error = %e, "stdout closed");
+                }
+            }
+            if progress.cancels > 0 {
+                send_cancel(conn, &s.build, progress.cancels > 1).await?;
+            }
+            if let Goal::Run { stdin: true, .. } = goal {
+                if stdin.is_none() && !s.existing {
+                    *stdin = Some(StdinFwd {
+                        rx: start_stdin_reader(conn.welcome.limits.max_chunk.max(1) as usize)
+                            .map_err(|e| Stop::Fatal(e.context("cannot read stdin")))?,
+                        sent: 0,
+                        acked: 0,
+                        window: u64::from(conn.welcome.limits.stdin_window.max(1)),
+                        open: true,
+                    });
+                }
+            }
+        }
+        DaemonMessage::Attached { req: MAIN_REQ, build } => {
+            tracing::debug!(build = %build.build, end = build.output_end, "attached");
+            if !progress.positioned {
+                out.seek(build.output_end);
+            }
+        }
+        DaemonMessage::Output {
+            build,
+            stream,
+            offset,
+            data,
+        } if ours(&build) => {
+            if !progress.positioned {
+                // Attached at the end: the first chunk says where that was.
+                out.seek(offset);
+                progress.positioned = true;
+            }
+            for closed in out.chunk(&build.0, stream, offset, data.into_vec()).await {
+                conn.writer
+                    .send(&ClientMessage::CloseOutput {
+                        build: build.clone(),
+                        stream: closed,
+                    })
+                    .await?;
+            }
+        }
+        DaemonMessage::Gap {
+            build,
+            from,
+            to,
+            reason,
+        } if ours(&build) => {
+            progress.positioned = true;
+            let reason = match reason {
+                wire::GapReason::Quota => "dropped by the daemon's output quota",
+                wire::GapReason::WriteFailed => "the daemon could not write it to disk",
+            };
+            if let Err(e) = out.gap(&build.0, from, to, reason).await {
+                tracing::debug!(error = %e, "stdout closed");
+            }
+        }
+        DaemonMessage::Exited(e) if ours(&e.build) => {
+            let end = e.stdout_bytes + e.stderr_bytes;
+            if out.position() < end {
+                tracing::warn!(build = %e.build, printed = out.position(), end, "the build's output ended before what was printed");
+            }
+            let code = exit::for_exited(&e);
+            if let Err(e) = out.exited(&e, code).await {
+                tracing::debug!(error = %e, "stdout closed");
+            }
+            return Ok(Some(code));
+        }
+        DaemonMessage::LogEnd { req: MAIN_REQ, .. } => return Ok(Some(0)),
+        DaemonMessage::StdinAck { build, consumed } if ours(&build) => {
+            if let Some(s) = stdin {
+                s.acked = consumed;
+            }
+        }
+        DaemonMessage::Error(e) if e.req == Some(MAIN_REQ) => {
+            if e.kind == ErrorKind::UnknownBuild && progress.positioned && out.position() > 0 {
+                return Err(Stop::Fatal(anyhow!(
+                    "{} (the daemon may have restarted; the build's output so far was printed)",
+                    e.message
+                )));
+            }
+            let code = exit::for_error(e.kind);
+            if let Err(err) = out.error(&format!("{:?}", e.kind), &e.message).await {
+                tracing::debug!(error = %err, "stdout closed");
+            }
+            eprintln!("tether: {}", e.message);
+            return Ok(Some(code));
+        }
+        DaemonMessage::Error(e) if e.kind == ErrorKind::Protocol => {
+            tracing::warn!("daemon: {}", e.message);
+        }
+        DaemonMessage::Error(e) => tracing::debug!(?e, "daemon error"),
+        DaemonMessage::Ping { nonce } => conn.writer.send(&ClientMessage::Pong { nonce }).await?,
+        other => tracing::trace!(?other, "ignored"),
+    }
+    Ok(None)
+}
+
+async fn send_cancel(conn: &Connection, build: &BuildId, force: bool) -> Result<(), Stop> {
+    tracing::info!(%build, force, "cancelling");
+    conn.writer
+        .send(&ClientMessage::Cancel {
+            req: CANCEL_REQ,
+            build: build.clone(),
+            force,
+        })
+        .await?;
+    Ok(())
+}
