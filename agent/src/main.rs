@@ -3,6 +3,7 @@
 mod cli;
 mod client;
 mod daemon;
+mod ids;
 mod install;
 mod logging;
 mod wire;

@@ -55,6 +55,32 @@ pub const DEFAULT_STDIN_WINDOW: u32 = 256 * 1024;
 /// Longest build id a client may choose ([`RunSpec::id`]).
 pub const MAX_BUILD_ID_LEN: usize = 64;
 
+/// A valid build id made of `name` (made safe: other characters become `-`, leading `.`
+/// and `-` dropped, at most 40 bytes; `run` when nothing is left) and `suffix` (which the
+/// caller makes unique, e.g. random hex): `name-suffix`.
+pub fn build_id_from(name: Option<&str>, suffix: &str) -> String {
+    let stem: String = name
+        .unwrap_or("run")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(40)
+        .collect();
+    let stem = stem.trim_start_matches(['.', '-']);
+    let stem = if stem.is_empty() { "run" } else { stem };
+    let suffix: String = suffix
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .take(MAX_BUILD_ID_LEN - stem.len() - 1)
+        .collect();
+    format!("{stem}-{suffix}")
+}
+
 /// Whether `id` is a build id a client may choose: 1 to [`MAX_BUILD_ID_LEN`] bytes of
 /// ASCII letters, digits, `.`, `_` and `-`, not starting with `.` or `-` (so it is a
 /// plain file name and never an option).

@@ -1,8 +1,9 @@
 //! The messages, one enum per direction.
 //!
 //! Encoding rules that keep old peers working (PROTOCOL.md gives the bytes):
-//! * a variant's index is its wire tag: new variants are only ever appended, and the
-//!   first three of each enum (the handshake and errors) never change shape;
+//! * a variant's index is its wire tag: new variants are only ever appended, and
+//!   `Hello`, `Ping`, `Pong` and `Error` never change shape (`Welcome` goes only to a
+//!   client of the same version), so any two versions can tell each other they differ;
 //! * byte strings that may not be UTF-8 (argv, environment, paths, output) are
 //!   `serde_bytes` buffers: a length and the raw bytes;
 //! * every build-related message names its build, every request carries a client-chosen
@@ -132,7 +133,8 @@ pub enum DaemonMessage {
 pub enum GapReason {
     /// The build's or the daemon's output quota dropped it (oldest output goes first).
     Quota,
-    /// Writing it to disk failed (the disk was full); it went only to live clients.
+    /// Writing it to disk failed (the disk was full), or reading it back did; it went
+    /// only to the clients following live at that moment.
     WriteFailed,
 }
 

@@ -550,4 +550,11 @@ proptest! {
         }
         prop_assert!(dec.buffered() < FRAME_HEADER_LEN + MAX_PAYLOAD);
     }
+
+    #[test]
+    fn ids_tether_makes_are_ids_a_client_may_choose(name in proptest::option::of(".{0,80}"), suffix in "[0-9a-f]{1,12}") {
+        let id = tether_protocol::build_id_from(name.as_deref(), &suffix);
+        prop_assert!(tether_protocol::valid_build_id(&id), "{:?} from {:?}", id, name);
+        prop_assert!(id.ends_with(&suffix));
+    }
 }

@@ -235,7 +235,11 @@ impl Connection {
                     tracing::debug!(daemon = %w.daemon_version, running = w.builds.len(), "connected");
                     return Ok(w);
                 }
-                Inbound::Message(DaemonMessage::Error(e)) => bail!("{}", e.message),
+                // A damage report that belongs to the stream's previous session (an
+                // abandoned frame can hold a preamble, §9) is not an answer to us.
+                Inbound::Message(DaemonMessage::Error(e)) if e.kind != wire::ErrorKind::Protocol => {
+                    bail!("{}", e.message)
+                }
                 // Replies to an earlier client on a taken-over stream, pad complaints.
                 Inbound::Message(_) | Inbound::Preamble | Inbound::Corrupt(_) | Inbound::Undecodable(_) => {}
                 Inbound::Eof(_) | Inbound::Failed(_) => {

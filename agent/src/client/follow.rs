@@ -257,6 +257,11 @@ async fn session(
                 continue;
             }
             _ = sleep_until(heard + args.heartbeat_timeout) => {
+                if !conn.inbound.is_empty() {
+                    // We were the slow side (blocked on our own output): not silence.
+                    heard = Instant::now();
+                    continue;
+                }
                 return Err(Stop::Lost(anyhow!(
                     "the daemon sent nothing for {}",
                     humantime::format_duration(args.heartbeat_timeout)

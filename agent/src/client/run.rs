@@ -1,7 +1,6 @@
 //! `tether run`: start one build, stream its output, exit with its status.
 
 use std::ffi::OsString;
-use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
 
 use anyhow::{bail, Context};
@@ -46,26 +45,7 @@ fn spec(args: &RunArgs) -> RunSpec {
 /// A fresh id for a build whose client reconnects: a retried `Run` must name the same
 /// build, so the client chooses the id when the user did not.
 fn generated_id(name: Option<&str>) -> String {
-    let mut bytes = [0u8; 6];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        let _ = f.read_exact(&mut bytes);
-    }
-    let stem: String = name
-        .unwrap_or("run")
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
-                c
-            } else {
-                '-'
-            }
-        })
-        .take(40)
-        .collect();
-    let stem = stem.trim_start_matches(['.', '-']);
-    let stem = if stem.is_empty() { "run" } else { stem };
-    let suffix: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{stem}-{suffix}")
+    wire::build_id_from(name, &crate::ids::random_suffix())
 }
 
 /// Runs the build; returns the exit code. Errors are tether's own failures (125).

@@ -137,8 +137,12 @@ impl Builds {
                     ),
                 ));
             }
-            if let Some(started) = self.existing(req, &BuildId(id.clone()), spec, follow, &out)? {
+            if let Some((started, feed)) = self.existing(req, &BuildId(id.clone()), spec)? {
+                // Started first, then the output from position 0 (§14's order).
                 out.control(DaemonMessage::Started(started)).await;
+                if follow {
+                    let _ = feed.subscribe(out, 0, Mode::Follow);
+                }
                 return Ok(());
             }
         }
@@ -150,7 +154,11 @@ impl Builds {
                 "the daemon is shutting down",
             ));
         }
-        let mut build = self.executor.start(convert::build_spec(spec)).map_err(|e| {
+        let mut build_spec = convert::build_spec(spec);
+        if build_spec.id.is_none() {
+            build_spec.id = Some(self.fresh_id(spec.name.as_deref()));
+        }
+        let mut build = self.executor.start(build_spec).map_err(|e| {
             let kind = match &e {
                 StartError::NotFound { .. } => ErrorKind::CommandNotFound,
                 StartError::NotExecutable { .. } => ErrorKind::NotExecutable,
@@ -208,15 +216,13 @@ impl Builds {
         Ok(())
     }
 
-    /// A Run naming an existing build: follow it from the start instead.
+    /// A Run naming an existing build: its `Started` and feed, to follow it instead.
     fn existing(
         &self,
         req: RequestId,
         id: &BuildId,
         spec: &wire::RunSpec,
-        follow: bool,
-        out: &Outbox,
-    ) -> Result<Option<wire::Started>, ErrorReport> {
+    ) -> Result<Option<(wire::Started, Arc<Feed>)>, ErrorReport> {
         let entries = self.lock();
         let Some(entry) = entries.get(id) else {
             return Ok(None);
@@ -233,16 +239,26 @@ impl Builds {
             ));
         }
         tracing::info!(build = %id, "run of an existing build id: following it instead of starting it again");
-        if follow {
-            let _ = entry.feed.subscribe(out.clone(), 0, Mode::Follow);
-        }
-        Ok(Some(wire::Started {
+        let started = wire::Started {
             req,
             build: id.clone(),
             pid: entry.summary.pid,
             shell: entry.shell.clone(),
             existing: true,
-        }))
+        };
+        Ok(Some((started, Arc::clone(&entry.feed))))
+    }
+
+    /// An id for a build whose client chose none: valid as a client-chosen id too (so it
+    /// can be named in `run --id` and on command lines) and not in use.
+    fn fresh_id(&self, name: Option<&str>) -> String {
+        let entries = self.lock();
+        loop {
+            let id = wire::build_id_from(name, &crate::ids::random_suffix());
+            if !entries.contains_key(&BuildId(id.clone())) {
+                return id;
+            }
+        }
     }
 
     /// Follows a build from `from` (`u64::MAX`: its current end), or sends its output

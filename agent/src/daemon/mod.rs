@@ -62,6 +62,13 @@ const INBOUND_QUEUE: usize = 64;
 
 /// Runs the daemon until stdin ends (with `exit_on_eof`) or SIGTERM/SIGINT.
 pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
+    if opts.heartbeat_timeout <= opts.heartbeat {
+        anyhow::bail!(
+            "--heartbeat-timeout ({:?}) must be longer than --heartbeat ({:?}): a client pings once per interval",
+            opts.heartbeat_timeout,
+            opts.heartbeat
+        );
+    }
     // Bound first: a second daemon on a live socket fails before touching any state.
     let listener = opts.socket.as_deref().map(socket::bind).transpose()?;
     let (frames_in, frames_out) = take_stdio().context("cannot set up stdin/stdout")?;
