@@ -130,6 +130,7 @@ pub struct BundleBuilder {
     args: Option<Vec<String>>,
     mounts: Vec<Value>,
     with_tether: bool,
+    empty_rootfs: bool,
 }
 
 impl BundleBuilder {
@@ -170,6 +171,13 @@ impl BundleBuilder {
         self
     }
 
+    /// An empty rootfs (no busybox, no tether), for the caller to fill, e.g. with an
+    /// image's layers, before the container starts; `args` must say what to run.
+    pub fn empty_rootfs(mut self) -> Self {
+        self.empty_rootfs = true;
+        self
+    }
+
     /// Lays out the bundle (a test failure if that fails).
     pub fn build(self) -> Bundle {
         self.try_build()
@@ -188,21 +196,24 @@ impl BundleBuilder {
         fs::create_dir(&runc_root)?;
 
         // The rootfs: kaniko's debug image has busybox and its applets in /busybox and
-        // no /bin at all.
+        // no /bin at all (or nothing, for the caller to fill).
         let rootfs = dir.path().join("rootfs");
-        for d in ["busybox", "kaniko", "proc", "dev", "tmp"] {
-            fs::create_dir_all(rootfs.join(d))?;
-        }
-        fs::copy(HOST_BUSYBOX, rootfs.join("busybox/busybox"))?;
-        let list = Command::new(HOST_BUSYBOX).arg("--list").stdin(Stdio::null()).output()?;
-        anyhow::ensure!(list.status.success(), "{HOST_BUSYBOX} --list failed");
-        for applet in String::from_utf8_lossy(&list.stdout).lines() {
-            let applet = applet.trim();
-            if !applet.is_empty() && applet != "busybox" && !applet.contains('/') {
-                symlink("busybox", rootfs.join("busybox").join(applet))?;
+        fs::create_dir(&rootfs)?;
+        if !self.empty_rootfs {
+            for d in ["busybox", "kaniko", "proc", "dev", "tmp"] {
+                fs::create_dir_all(rootfs.join(d))?;
+            }
+            fs::copy(HOST_BUSYBOX, rootfs.join("busybox/busybox"))?;
+            let list = Command::new(HOST_BUSYBOX).arg("--list").stdin(Stdio::null()).output()?;
+            anyhow::ensure!(list.status.success(), "{HOST_BUSYBOX} --list failed");
+            for applet in String::from_utf8_lossy(&list.stdout).lines() {
+                let applet = applet.trim();
+                if !applet.is_empty() && applet != "busybox" && !applet.contains('/') {
+                    symlink("busybox", rootfs.join("busybox").join(applet))?;
+                }
             }
         }
-        if self.with_tether {
+        if self.with_tether && !self.empty_rootfs {
             fs::copy(static_tether(), rootfs.join(TETHER_PATH.trim_start_matches('/')))?;
         }
 
@@ -270,6 +281,7 @@ impl Bundle {
             args: None,
             mounts: Vec::new(),
             with_tether: true,
+            empty_rootfs: false,
         }
     }
 
@@ -664,6 +676,51 @@ impl Drop for Session {
 pub fn pty_termios(session: &Session) -> nix::sys::termios::Termios {
     let slave = session.pty_slave.as_ref().expect("a pty session");
     nix::sys::termios::tcgetattr(slave.as_fd()).expect("tcgetattr on the pty slave")
+}
+
+// ---------------------------------------------------------------------------------------
+// Processes seen from the host
+// ---------------------------------------------------------------------------------------
+
+impl Bundle {
+    /// The host pid of the container's init (PID 1 inside), from `runc state`; `None`
+    /// when runc knows no such container.
+    pub fn host_pid(&self) -> Option<i32> {
+        let st = self.state()?;
+        st["pid"].as_i64().filter(|p| *p > 0).map(|p| p as i32)
+    }
+}
+
+/// A host process from its `/proc/PID/stat` (`None` once no process has that pid).
+pub fn host_proc(pid: i32) -> Option<ProcInfo> {
+    let line = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(&line)
+}
+
+/// `tether serve ARGS` as a plain child of the test (not PID 1 of anything), in its own
+/// process group: a job like any other, whose group is not orphaned, so job-control
+/// signals (SIGTSTP, SIGTTIN, SIGTTOU) meet their default action, as they would for a
+/// daemon started from a shell or by a client's `--via` command. It runs in `cwd` (where
+/// a core dump would land).
+pub fn serve_in_own_process_group(cwd: &Path, args: &[&OsStr]) -> crate::Serve {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = tether(["serve"]);
+    cmd.args(args)
+        .current_dir(cwd)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    let mut child = cmd.spawn().expect("cannot spawn tether serve");
+    let out = child.stdout.take().expect("stdout is piped");
+    let stderr = Collector::spawn(child.stderr.take().expect("stderr is piped"));
+    let stdin = child.stdin.take();
+    crate::Serve {
+        child,
+        stdin,
+        events: decode_events(out),
+        stderr,
+    }
 }
 
 #[cfg(test)]

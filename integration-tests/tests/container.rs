@@ -1,15 +1,22 @@
 //! `tether serve` as PID 1 of a real runc container laid out like kaniko's debug image
 //! (busybox at /busybox, no /bin/sh), with the static binary: `--via runc run`, orphan
-//! reaping, `runc kill` and a terminal as stdin. Skipped without root, runc or a static
-//! busybox (see `integration_tests::container`).
+//! reaping, `runc kill`, stray signals and a terminal as stdin. Skipped without root,
+//! runc or a static busybox (see `integration_tests::container`). The stray-signal tests
+//! also run a plain `tether serve` child (not PID 1) for comparison; those need nothing.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsStr;
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use integration_tests::container::{pty_termios, runc_usable, Bundle, ProcInfo};
-use integration_tests::{script_spec, wait_until, TIMEOUT};
+use integration_tests::container::{
+    host_proc, pty_termios, runc_usable, serve_in_own_process_group, BuildOutput, Bundle, ProcInfo,
+};
+use integration_tests::{script_spec, signal, subdirs, wait_until, Event, Serve, TIMEOUT};
+use nix::sys::signal::Signal;
 use nix::sys::termios::LocalFlags;
-use tether_protocol::{CommandSpec, EndCause, ExitStatus, RunSpec};
+use tether_protocol::{BuildId, ClientMessage, CommandSpec, DaemonMessage, EndCause, ExitStatus, RunSpec};
 
 #[test]
 fn a_script_runs_with_busybox_sh_under_tether_as_pid_1_through_via_runc() {
@@ -135,10 +142,13 @@ fn runc_kill_term_cancels_running_builds_and_the_container_exits_cleanly() {
     assert_ne!(plain, stubborn);
     assert_eq!(bundle.build_dirs().len(), 2, "{:?}", bundle.build_dirs());
 
+    // tether must be gone well before an orchestrator's own SIGKILL: within its grace
+    // period plus 3 s, measured from the kill to the container being gone.
+    let bound = grace + Duration::from_secs(3);
     let killed_at = Instant::now();
     bundle.kill("TERM");
     s.wait_eof();
-    let st = s.wait_timeout(grace + Duration::from_secs(3)).unwrap_or_else(|| {
+    let st = s.wait_timeout(bound).unwrap_or_else(|| {
         panic!(
             "runc run still runs {:?} after runc kill TERM; stderr: {}",
             killed_at.elapsed(),
@@ -146,8 +156,18 @@ fn runc_kill_term_cancels_running_builds_and_the_container_exits_cleanly() {
         )
     });
     let took = killed_at.elapsed();
-    eprintln!("runc run exited {took:?} after runc kill TERM");
-    assert_eq!(st.code(), Some(0), "stderr: {}", s.stderr.text());
+    // runc run exits with its container's PID 1, then deletes the container.
+    let left = bound.saturating_sub(killed_at.elapsed());
+    assert!(
+        wait_until(left, || bundle.state().is_none()),
+        "the container still exists {:?} after runc kill TERM: {:?}",
+        killed_at.elapsed(),
+        bundle.state()
+    );
+    let gone = killed_at.elapsed();
+    eprintln!("runc run exited {took:?}, the container was gone {gone:?} after runc kill TERM");
+    assert!(gone <= bound, "gone after {gone:?}, more than {bound:?}");
+    assert_eq!(st.code(), Some(0), "tether's exit status; stderr: {}", s.stderr.text());
 
     let plain_exit = s.output(&plain).exited.expect("Exited for the plain build");
     let stubborn_exit = s.output(&stubborn).exited.expect("Exited for the stubborn build");
@@ -243,4 +263,310 @@ fn frames_pass_a_terminal_on_the_containers_stdin() {
         "the recommendation is logged: {}",
         s.stderr.text()
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// Stray signals
+// ---------------------------------------------------------------------------------------
+
+/// Signals a daemon may get from its surroundings (a terminal hanging up, a supervisor, a
+/// stray `kill`, job control). tether handles only SIGTERM and SIGINT (the Rust runtime
+/// ignores SIGPIPE), so every other one meets its default action: ignored for SIGCHLD,
+/// SIGWINCH and SIGCONT, termination or a stop for the rest, unless the kernel drops it.
+const STRAY_SIGNALS: [Signal; 12] = [
+    Signal::SIGHUP,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+    Signal::SIGPIPE,
+    Signal::SIGQUIT,
+    Signal::SIGALRM,
+    Signal::SIGWINCH,
+    Signal::SIGCHLD,
+    Signal::SIGCONT,
+    Signal::SIGTTIN,
+    Signal::SIGTTOU,
+    Signal::SIGTSTP,
+];
+
+/// A build that is running while the signals arrive.
+const IN_FLIGHT: &str = "sleep 1; echo in flight; exit 4";
+/// A build started after them.
+const AFTER: &str = r#"echo "after $((6 * 7))"; echo err >&2; exit 3"#;
+
+fn check_in_flight(out: &BuildOutput) {
+    let exited = out.exited.clone().expect("Exited");
+    assert_eq!(exited.status, ExitStatus::Code(4), "{exited:?}");
+    assert_eq!(exited.cause, EndCause::Completed, "{exited:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "in flight\n");
+}
+
+fn check_after(out: &BuildOutput) {
+    let exited = out.exited.clone().expect("Exited");
+    assert_eq!(exited.status, ExitStatus::Code(3), "{exited:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "after 42\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
+}
+
+/// Running (not stopped, not a zombie).
+fn running(p: &Option<ProcInfo>) -> bool {
+    p.as_ref().is_some_and(|p| !matches!(p.state, 'T' | 't' | 'Z' | 'X'))
+}
+
+#[test]
+fn stray_signals_neither_kill_nor_stop_tether_as_pid_1() {
+    if !runc_usable() {
+        return;
+    }
+    let bundle = Bundle::serve(&["--log-level", "warn", "--grace", "2s"]);
+    let mut s = bundle.start();
+    s.expect_preamble();
+    s.hello();
+    let pid = bundle.host_pid().expect("the container runs");
+    let in_flight = s.start_build(1, script_spec(IN_FLIGHT)).build;
+
+    // A PID 1 gets only the signals it has a handler for (from the host, SIGKILL and
+    // SIGSTOP too): the kernel drops the others, whatever their default action.
+    for sig in STRAY_SIGNALS {
+        bundle.kill(sig.as_str());
+        let p = host_proc(pid);
+        assert!(running(&p), "tether after runc kill {sig}: {p:?}");
+    }
+    // The build in flight finished undisturbed (a second, in which a default action
+    // would have shown).
+    check_in_flight(&s.wait_exited(&in_flight));
+    let p = host_proc(pid);
+    assert!(running(&p), "tether after the signals: {p:?}");
+    let state = bundle.state().expect("the container exists");
+    assert_eq!(state["status"].as_str(), Some("running"), "{state}");
+    assert_eq!(bundle.host_pid(), Some(pid), "the same PID 1");
+
+    // It answers: a new build runs, with the right output and status.
+    let after = s.start_build(2, script_spec(AFTER)).build;
+    check_after(&s.wait_exited(&after));
+
+    // And SIGTERM is still the orderly way out.
+    bundle.kill("TERM");
+    let st = s
+        .wait_timeout(Duration::from_secs(5))
+        .expect("runc run exits after SIGTERM");
+    assert_eq!(st.code(), Some(0), "stderr: {}", s.stderr.text());
+    assert!(
+        bundle.build_dirs().is_empty(),
+        "build dirs left: {:?}",
+        bundle.build_dirs()
+    );
+    eprintln!("tether as PID 1 ignored {} signals and served on", STRAY_SIGNALS.len());
+}
+
+/// A plain `tether serve` child of the test (not PID 1), its builds' output recorded.
+struct PlainDaemon {
+    serve: Serve,
+    state: tempfile::TempDir,
+    builds: HashMap<BuildId, BuildOutput>,
+    eof: bool,
+}
+
+impl PlainDaemon {
+    fn start() -> PlainDaemon {
+        // The state dir, and the daemon's working directory (for a SIGQUIT core dump).
+        let state = tempfile::tempdir().unwrap();
+        let args = ["--log-level", "warn", "--grace", "2s", "--state-dir"];
+        let mut args: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
+        args.push(state.path().as_os_str());
+        let mut serve = serve_in_own_process_group(state.path(), &args);
+        serve.expect_preamble();
+        serve.hello();
+        PlainDaemon {
+            serve,
+            state,
+            builds: HashMap::new(),
+            eof: false,
+        }
+    }
+
+    fn pid(&self) -> i32 {
+        self.serve.pid() as i32
+    }
+
+    /// The daemon's instance dirs (it removes its own at an orderly exit).
+    fn instance_dirs(&self) -> Vec<PathBuf> {
+        subdirs(&self.state.path().join("instances"))
+    }
+
+    /// The next message (recorded; pings answered), or `None` at the end of its stdout.
+    fn next(&mut self) -> Option<DaemonMessage> {
+        while !self.eof {
+            let m = match self.serve.next_event() {
+                Event::Preamble => continue,
+                Event::Eof => {
+                    self.eof = true;
+                    return None;
+                }
+                Event::Message(m) => m,
+                other => panic!("expected a message, got {other:?}"),
+            };
+            match &m {
+                DaemonMessage::Output {
+                    build, stream, data, ..
+                } => {
+                    let b = self.builds.entry(build.clone()).or_default();
+                    match stream {
+                        tether_protocol::OutputStream::Stdout => b.stdout.extend_from_slice(data),
+                        tether_protocol::OutputStream::Stderr => b.stderr.extend_from_slice(data),
+                    }
+                }
+                DaemonMessage::Exited(e) => {
+                    self.builds.entry(e.build.clone()).or_default().exited = Some(e.clone());
+                }
+                DaemonMessage::Ping { nonce } => {
+                    let nonce = *nonce;
+                    self.serve.send(&ClientMessage::Pong { nonce });
+                }
+                _ => {}
+            }
+            return Some(m);
+        }
+        None
+    }
+
+    fn start_build(&mut self, req: u64, script: &str) -> BuildId {
+        self.serve.send(&ClientMessage::Run {
+            req,
+            spec: script_spec(script),
+            follow: true,
+        });
+        loop {
+            match self.next().expect("the daemon's stdout ended before Started") {
+                DaemonMessage::Started(s) if s.req == req => return s.build,
+                DaemonMessage::Error(e) if e.req == Some(req) => panic!("Run {req} refused: {e:?}"),
+                _ => {}
+            }
+        }
+    }
+
+    /// Everything `build` sent once its Exited came (or the daemon's stdout ended).
+    fn wait_exited(&mut self, build: &BuildId) -> BuildOutput {
+        while self.builds.get(build).is_none_or(|b| b.exited.is_none()) && self.next().is_some() {}
+        self.builds.get(build).cloned().unwrap_or_default()
+    }
+}
+
+/// What stray signals did to a plain `tether serve`.
+#[derive(Debug, PartialEq)]
+enum Fate {
+    /// Still running: the build in flight finished normally, a new one ran, and
+    /// SIGTERM then ended the daemon in order.
+    ServedOn,
+    /// Exited 0 after reporting the build in flight and removing its state: an orderly
+    /// shutdown, as at SIGTERM.
+    ShutDownInOrder,
+    /// Killed by a signal (its default action), leaving its state dir behind or not.
+    Killed {
+        signal: i32,
+        core_dumped: bool,
+        state_left: bool,
+    },
+    /// Stopped (a job-control signal's default action): it answers nothing any more.
+    Stopped,
+    /// Anything else (an unexpected exit, or a failed check: the message).
+    Other(String),
+}
+
+/// Starts a plain daemon with a build in flight, sends it `sigs` one after the other
+/// and judges what became of it.
+fn fate_after(sigs: &[Signal]) -> Fate {
+    let mut d = PlainDaemon::start();
+    let pid = d.pid();
+    let in_flight = d.start_build(1, IN_FLIGHT);
+    for &sig in sigs {
+        signal(pid as u32, sig);
+    }
+    // A default action (termination, a stop) takes effect as soon as the daemon runs;
+    // nothing signals that nothing happened, so this waits a while for either.
+    let mut status = None;
+    wait_until(Duration::from_millis(500), || {
+        status = d.serve.child.try_wait().expect("try_wait");
+        status.is_some() || host_proc(pid).is_some_and(|p| p.state == 'T')
+    });
+    if let Some(st) = status {
+        if let Some(signal) = st.signal() {
+            return Fate::Killed {
+                signal,
+                core_dumped: st.core_dumped(),
+                state_left: !d.instance_dirs().is_empty(),
+            };
+        }
+        let out = d.wait_exited(&in_flight);
+        if st.code() == Some(0) && out.exited.is_some() && d.instance_dirs().is_empty() {
+            return Fate::ShutDownInOrder;
+        }
+        return Fate::Other(format!(
+            "exited ({st}); in-flight build: {:?}; state left: {:?}; stderr: {}",
+            out.exited,
+            d.instance_dirs(),
+            d.serve.stderr.text()
+        ));
+    }
+    if host_proc(pid).is_some_and(|p| p.state == 'T') {
+        // Let it go on, and end it in order (no orphaned build left behind).
+        signal(pid as u32, Signal::SIGCONT);
+        signal(pid as u32, Signal::SIGTERM);
+        let _ = d.serve.wait_timeout(Duration::from_secs(5));
+        return Fate::Stopped;
+    }
+    check_in_flight(&d.wait_exited(&in_flight));
+    let after = d.start_build(2, AFTER);
+    check_after(&d.wait_exited(&after));
+    signal(pid as u32, Signal::SIGTERM);
+    let st = d.serve.wait_timeout(Duration::from_secs(5));
+    if st.is_none_or(|st| st.code() != Some(0)) || !d.instance_dirs().is_empty() {
+        return Fate::Other(format!(
+            "served on, but SIGTERM then ended it with {st:?}, leaving {:?}",
+            d.instance_dirs()
+        ));
+    }
+    Fate::ServedOn
+}
+
+/// The stray signals whose default action leaves a process running.
+const HARMLESS: [Signal; 4] = [Signal::SIGPIPE, Signal::SIGWINCH, Signal::SIGCHLD, Signal::SIGCONT];
+
+#[test]
+fn a_plain_tether_serve_serves_on_after_sigpipe_sigwinch_sigchld_and_sigcont() {
+    assert_eq!(fate_after(&HARMLESS), Fate::ServedOn);
+}
+
+/// Only SIGTERM and SIGINT end a daemon; a plain one (not PID 1, so the kernel does not
+/// drop signals for it) serves on after any other.
+#[test]
+fn a_plain_tether_serve_is_neither_killed_nor_stopped_by_stray_signals() {
+    let others: Vec<Signal> = STRAY_SIGNALS.into_iter().filter(|s| !HARMLESS.contains(s)).collect();
+    // One daemon per signal (a killed one cannot take the next), all at once.
+    let fates: Vec<(Signal, Fate)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = others
+            .iter()
+            .map(|&sig| (sig, scope.spawn(move || fate_after(&[sig]))))
+            .collect();
+        handles
+            .into_iter()
+            .map(|(sig, h)| {
+                let fate = h.join().unwrap_or_else(|e| {
+                    let msg = e
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()));
+                    Fate::Other(format!("check failed: {}", msg.unwrap_or_default()))
+                });
+                (sig, fate)
+            })
+            .collect()
+    });
+    for (sig, fate) in &fates {
+        eprintln!("{sig}: {fate:?}");
+    }
+    let bad: Vec<&(Signal, Fate)> = fates
+        .iter()
+        .filter(|(_, f)| *f != Fate::ServedOn)
+        .collect();
+    assert!(bad.is_empty(), "killed, stopped or broken by: {bad:#?}");
 }

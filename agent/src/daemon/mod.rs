@@ -75,6 +75,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     // Before the first byte is read or written; restored when `_raw` drops at exit.
     let _raw = tty::RawTty::enter(&frames_in);
     become_subreaper();
+    ignore_stray_signals();
     // When stdout is a pipe (runc, a spawning client), a larger one carries output with
     // fewer wake-ups; on a tty or socket this is refused and harmless.
     tether_executor::enlarge_pipe(&frames_out);
@@ -142,6 +143,8 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    let mut sigquit = signal(SignalKind::quit())?;
     let mut input_open = true;
     let reason = loop {
         tokio::select! {
@@ -154,6 +157,11 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             }
             _ = sigterm.recv() => break "SIGTERM",
             _ = sigint.recv() => break "SIGINT",
+            // Only SIGTERM and SIGINT end the daemon (and the end of stdin with
+            // --exit-on-eof). A hang-up of whatever started it is not a reason to cancel
+            // builds; a client that went away is handled by the protocol.
+            _ = sighup.recv() => tracing::info!("SIGHUP ignored (SIGTERM or SIGINT stop the daemon)"),
+            _ = sigquit.recv() => tracing::info!("SIGQUIT ignored (SIGTERM or SIGINT stop the daemon)"),
         }
     };
     tracing::info!(reason, "shutting down: cancelling builds");
@@ -194,6 +202,30 @@ fn take_stdio() -> std::io::Result<(OwnedFd, OwnedFd)> {
     nix::unistd::dup2_stdin(&null)?;
     nix::unistd::dup2_stdout(std::io::stderr().as_fd())?;
     Ok((stdin, stdout))
+}
+
+/// Signals whose default action would kill or stop the daemon without its clean
+/// shutdown are ignored. As PID 1 the kernel already drops every signal without a
+/// handler; as an ordinary process (under tini, `ssh host tether serve`, a test) a stray
+/// SIGUSR1 or a SIGTSTP from a terminal must not kill it or freeze every build's client.
+/// SIGHUP and SIGQUIT are caught and logged in `serve`. Builds get all signals back at
+/// their default (see `tether_executor::spawn`).
+fn ignore_stray_signals() {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    for sig in [
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+        Signal::SIGALRM,
+        Signal::SIGTSTP,
+        Signal::SIGTTIN,
+        Signal::SIGTTOU,
+    ] {
+        // SAFETY: SIG_IGN installs no handler code; nothing else in the daemon sets
+        // these dispositions.
+        if let Err(e) = unsafe { signal(sig, SigHandler::SigIgn) } {
+            tracing::warn!(error = %e, signal = ?sig, "cannot ignore a signal");
+        }
+    }
 }
 
 /// Orphans of builds re-parent to the daemon (as they would to PID 1), so the reaper
