@@ -4,14 +4,23 @@
 //! ```text
 //! cargo run --release -p integration-tests --bin bench -- [--quick] [--json FILE]
 //!     [--only SCENARIO[,SCENARIO...]] [--reps N]
+//!
+//! Scenarios: stream, sequential, idle-memory, ping-under-flood, stalled-memory,
+//! logs-replay, container.
 //! ```
 //!
 //! The tether binary is `$TETHER_BIN`, else `target/release/tether` of this workspace
 //! (or of `$CARGO_TARGET_DIR`), built with `cargo build --release -p tether` if missing.
 //! Timing never fails the run: the exit status is 1 only when a scenario crashed.
 
+#[path = "../bench/container_figures.rs"]
+mod container_figures;
 #[path = "../bench/idle_memory.rs"]
 mod idle_memory;
+#[path = "../bench/logs_replay.rs"]
+mod logs_replay;
+#[path = "../bench/ping_flood.rs"]
+mod ping_flood;
 #[path = "../bench/procs.rs"]
 mod procs;
 #[path = "../bench/report.rs"]
@@ -22,6 +31,10 @@ mod scenario;
 mod sequential;
 #[path = "../bench/session.rs"]
 mod session;
+#[path = "../bench/socket_daemon.rs"]
+mod socket_daemon;
+#[path = "../bench/stalled_memory.rs"]
+mod stalled_memory;
 #[path = "../bench/stream.rs"]
 mod stream;
 
@@ -41,6 +54,10 @@ fn scenarios() -> Vec<Box<dyn Scenario>> {
         Box::new(stream::Stream),
         Box::new(sequential::Sequential),
         Box::new(idle_memory::IdleMemory),
+        Box::new(ping_flood::PingUnderFlood),
+        Box::new(stalled_memory::StalledMemory),
+        Box::new(logs_replay::LogsReplay),
+        Box::new(container_figures::ContainerFigures),
     ]
 }
 
