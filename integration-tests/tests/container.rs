@@ -564,9 +564,6 @@ fn a_plain_tether_serve_is_neither_killed_nor_stopped_by_stray_signals() {
     for (sig, fate) in &fates {
         eprintln!("{sig}: {fate:?}");
     }
-    let bad: Vec<&(Signal, Fate)> = fates
-        .iter()
-        .filter(|(_, f)| *f != Fate::ServedOn)
-        .collect();
+    let bad: Vec<&(Signal, Fate)> = fates.iter().filter(|(_, f)| *f != Fate::ServedOn).collect();
     assert!(bad.is_empty(), "killed, stopped or broken by: {bad:#?}");
 }
