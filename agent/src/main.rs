@@ -13,6 +13,7 @@ use clap::Parser;
 use cli::{Cli, Command, LogFormat};
 
 fn main() {
+    tune_malloc();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => std::process::exit(usage_error(e)),
@@ -57,6 +58,22 @@ fn main() {
     std::process::exit(code);
 }
 
+/// Output moves through 64 KiB buffers allocated on one thread and freed on another,
+/// at hundreds of MiB/s. With glibc's defaults each free at the top of the heap gives
+/// the pages back (trim threshold 128 KiB) and the next allocation faults them in again,
+/// zeroed: a measured third of the streaming throughput. Keeping up to 4 MiB of free
+/// heap, and serving buffers below 1 MiB from the heap rather than fresh mmaps, removes
+/// that churn at a bounded cost in idle memory.
+fn tune_malloc() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets allocator parameters; called before any other thread
+    // exists.
+    unsafe {
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 4 << 20);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+}
+
 /// Client commands are quiet unless something fails; `-v`, `-vv` for more.
 fn client_logging(verbose: u8) {
     let level = match verbose {
@@ -96,7 +113,10 @@ fn serve(args: cli::ServeArgs) -> i32 {
             return 1;
         }
     };
-    match runtime.block_on(daemon::serve(opts)) {
+    let result = runtime.block_on(daemon::serve(opts));
+    // Blocking-pool threads (spoolers, all done once builds are) must not hold the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
         Ok(()) => 0,
         Err(e) => {
             tracing::error!("{e:#}");

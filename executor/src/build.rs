@@ -20,7 +20,8 @@
 //! is already readable from the spool: a consumer that drops events (a client that fell
 //! behind) can always continue from the spool. The spooler writes the final status to
 //! the spool before passing [`BuildEvent::Finished`] on. Disk writes happen on that
-//! thread, never on the runtime that reads the pipes.
+//! thread (one of the runtime's blocking pool, held for the build's life), never on the
+//! runtime thread that reads the pipes.
 
 use std::ffi::OsString;
 use std::io;
@@ -245,13 +246,9 @@ fn start_spooler(launch: &Launch<'_>) -> Result<Spooler, StartError> {
     })?;
     let (tx, rx) = mpsc::channel(EVENT_QUEUE);
     let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
-    let spawned = std::thread::Builder::new()
-        .name("spool".into())
-        .spawn(move || run_spooler(writer, rx, events_tx));
-    if let Err(e) = spawned {
-        spool.remove();
-        return Err(StartError::Io(e));
-    }
+    // On the runtime's blocking pool: its threads are reused from build to build, so a
+    // build's start costs no thread creation (nor a new malloc arena per thread).
+    tokio::task::spawn_blocking(move || run_spooler(writer, rx, events_tx));
     Ok(Spooler { spool, tx, events })
 }
 

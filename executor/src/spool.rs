@@ -25,7 +25,9 @@
 //! current one has reached the segment size (a quarter of the build quota, within
 //! 64 KiB..64 MiB) and after a failed write. Segments are not fsynced (the page cache is
 //! enough: a spool does not outlive its daemon's state dir); `status` is written to
-//! `status.tmp`, fsynced and renamed, so it is never torn.
+//! `status.tmp` and renamed, so no reader ever sees it torn. Nothing is fsynced: the
+//! records matter while their daemon lives, and a crash of the machine ends the daemon
+//! and its builds too (an fsync per build cost a millisecond of every build's latency).
 //!
 //! **Quotas and gaps.** Disk use is bounded by a per-build quota and a total quota over
 //! all spools of a [`SpoolSet`]. What a quota forces out is dropped a whole segment at a
@@ -175,7 +177,26 @@ fn delete_segments(dir: &Path, starts: &[u64]) {
     }
 }
 
-/// Writes `text` to `dir/status` atomically: to `status.tmp`, fsynced, renamed.
+/// Makes the spool's directory (0700) if it is not made yet; the caller holds the
+/// spool's lock (`state`).
+fn ensure_dir(dir: &Path, state: &mut State) -> io::Result<()> {
+    if state.dir_made {
+        return Ok(());
+    }
+    match DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        // Made by an earlier writer of this id whose spool was removed meanwhile? No:
+        // removal deletes it. Only ever ours: the records root is private to the daemon.
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => {}
+        Err(e) => return Err(with_path("create", dir)(e)),
+    }
+    // Whatever the umask made of it.
+    fs::set_permissions(dir, Permissions::from_mode(0o700)).map_err(with_path("chmod", dir))?;
+    state.dir_made = true;
+    Ok(())
+}
+
+/// Writes `text` to `dir/status` atomically: to `status.tmp`, then renamed.
 fn write_status(dir: &Path, text: &str) -> io::Result<()> {
     let tmp = dir.join(STATUS_TMP);
     let written = OpenOptions::new()
@@ -184,10 +205,7 @@ fn write_status(dir: &Path, text: &str) -> io::Result<()> {
         .truncate(true)
         .mode(0o600)
         .open(&tmp)
-        .and_then(|mut file| {
-            file.write_all(text.as_bytes())?;
-            file.sync_all()
-        })
+        .and_then(|mut file| file.write_all(text.as_bytes()))
         .map_err(with_path("write", &tmp));
     let done = written.and_then(|()| {
         let path = dir.join(STATUS_FILE);
@@ -241,6 +259,10 @@ struct State {
     finished: Option<u64>,
     status: Option<String>,
     removed: bool,
+    /// Whether the spool's directory was made: lazily, by the writer, when it first
+    /// has something to store (a segment or the status), so that starting a build
+    /// costs no directory operation here.
+    dir_made: bool,
 }
 
 /// Where a position is, from a reader's point of view.
@@ -387,14 +409,12 @@ impl SpoolSet {
     pub fn create(self: &Arc<Self>, id: &str) -> io::Result<(Spool, SpoolWriter)> {
         check_id(id)?;
         let dir = self.root.join(id);
-        DirBuilder::new()
-            .mode(0o700)
-            .create(&dir)
-            .map_err(with_path("create", &dir))?;
-        // Whatever the umask made of it.
-        if let Err(e) = fs::set_permissions(&dir, Permissions::from_mode(0o700)) {
-            let _ = fs::remove_dir(&dir);
-            return Err(with_path("chmod", &dir)(e));
+        let taken = self.lock_spools().iter().any(|s| s.id == id) || fs::symlink_metadata(&dir).is_ok();
+        if taken {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} exists", dir.display()),
+            ));
         }
         let shared = Arc::new(Shared {
             id: id.to_owned(),
@@ -625,7 +645,7 @@ impl SpoolWriter {
         let result = if state.removed {
             Ok(())
         } else {
-            write_status(&self.shared.dir, status)
+            ensure_dir(&self.shared.dir, &mut state).and_then(|()| write_status(&self.shared.dir, status))
         };
         state.status = Some(status.to_owned());
         state.finished = Some(self.set.finish_order.fetch_add(1, Ordering::Relaxed));
@@ -686,10 +706,11 @@ impl SpoolWriter {
     /// Creates segment `seg-<first>`. Under the spool's lock, so that no file appears
     /// in a directory `Spool::remove` is removing.
     fn open_segment(&self, first: u64) -> Result<OpenSegment, WriteError> {
-        let state = self.shared.lock();
+        let mut state = self.shared.lock();
         if state.removed {
             return Err(WriteError::Removed);
         }
+        ensure_dir(&self.shared.dir, &mut state).map_err(WriteError::Io)?;
         let path = segment_path(&self.shared.dir, first);
         let file = OpenOptions::new()
             .write(true)
@@ -1373,7 +1394,7 @@ mod tests {
 
         // A failed status write is returned and the spool is finished anyway.
         let (spool, w) = set.create("d").unwrap();
-        fs::create_dir(tmp.path().join("other/records/d").join(STATUS_FILE)).unwrap();
+        fs::create_dir_all(tmp.path().join("other/records/d").join(STATUS_FILE)).unwrap();
         fs::write(tmp.path().join("other/records/d/status/x"), b"").unwrap();
         assert!(w.finish("s").is_err());
         assert!(spool.finished());
@@ -1419,8 +1440,12 @@ mod tests {
             let err = set.create(id).unwrap_err();
             assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{id:?}");
         }
-        let (_s, _w) = set.create("x").unwrap();
+        let (_s, mut w) = set.create("x").unwrap();
         assert_eq!(set.create("x").unwrap_err().kind(), io::ErrorKind::AlreadyExists);
+        // The directory is made once there is something to store.
+        assert!(!tmp.path().join("records/x").exists());
+        w.append(&[(OUT, b"x")]);
+        assert!(tmp.path().join("records/x").is_dir());
         // An existing root is fine.
         let again = SpoolSet::new(tmp.path().join("records"), set.limits()).unwrap();
         assert_eq!(again.create("x").unwrap_err().kind(), io::ErrorKind::AlreadyExists);

@@ -27,8 +27,9 @@ use tether_protocol::{self as wire, BuildId, DaemonMessage, RequestId};
 use super::convert;
 use super::outbox::{Full, Outbox};
 
-/// Spool bytes a catch-up thread reads at once.
-const READ_BATCH: usize = 1024 * 1024;
+/// Spool bytes a catch-up thread reads at once: one message's worth, so that what the
+/// spool returns moves into the message without another copy.
+const READ_BATCH: usize = wire::MAX_CHUNK;
 
 /// What a follower wants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -256,21 +257,16 @@ impl Feed {
     fn send_item(&self, f: &mut Follower, item: SpoolItem) -> bool {
         match item {
             SpoolItem::Data { stream, position, data } => {
-                let mut offset = position;
-                for piece in data.chunks(wire::MAX_CHUNK) {
-                    let msg = DaemonMessage::Output {
-                        build: self.build.clone(),
-                        stream: convert::stream(stream),
-                        offset,
-                        data: wire::Bytes::from(piece.to_vec()),
-                    };
-                    if !f.out.blocking_data(msg) {
-                        return false;
-                    }
-                    offset += piece.len() as u64;
-                }
-                f.pos = offset;
-                true
+                let end = position + data.len() as u64;
+                // At most READ_BATCH = MAX_CHUNK bytes: one message, no copy.
+                let msg = DaemonMessage::Output {
+                    build: self.build.clone(),
+                    stream: convert::stream(stream),
+                    offset: position,
+                    data: wire::Bytes::from(data),
+                };
+                f.pos = end;
+                f.out.blocking_data(msg)
             }
             SpoolItem::Gap { from, to, reason } => {
                 let msg = DaemonMessage::Gap {

@@ -13,7 +13,7 @@ use tether_protocol::DaemonMessage;
 use tokio::sync::mpsc;
 
 const CONTROL_QUEUE: usize = 256;
-const DATA_QUEUE: usize = 32;
+const DATA_QUEUE: usize = 64;
 
 /// Why [`Outbox::try_data`] did not queue a message.
 #[derive(Debug)]
