@@ -104,9 +104,10 @@ impl Executor {
     pub fn start(&self, spec: BuildSpec) -> Result<Build, StartError> {
         let inner = &*self.inner;
         let name = spec.name.as_deref().unwrap_or("build");
+        // The dir is `<id>.<random>` when the id is known, so a person finds it by id.
         let dir = inner
             .state
-            .create_build_dir(name)
+            .create_build_dir(spec.id.as_deref().unwrap_or(name))
             .map_err(|e| StartError::BuildDir(e.to_string()))?;
         let id = match &spec.id {
             Some(id) => id.clone(),

@@ -51,10 +51,11 @@ impl Dirs {
         let root = self.root();
         assert_eq!(self.work.file_name().unwrap(), "work", "{self:?}");
         assert_eq!(self.tmp, root.join("tmp"), "{self:?}");
-        assert_eq!(
-            root.file_name().unwrap().to_str().unwrap(),
-            self.id,
-            "TETHER_BUILD_ID names the dir"
+        let dir_name = root.file_name().unwrap().to_str().unwrap();
+        assert!(
+            dir_name.starts_with(&format!("{}.", self.id)),
+            "the dir is named for TETHER_BUILD_ID: {dir_name} for {}",
+            self.id
         );
         let builds = root.parent().unwrap();
         assert_eq!(builds.file_name().unwrap(), "builds");
