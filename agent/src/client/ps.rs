@@ -38,8 +38,8 @@ pub async fn ps(args: PsArgs) -> anyhow::Result<i32> {
         return Ok(0);
     }
     println!(
-        "{:<28} {:<10} {:>8} {:>10} {:>5} {:>12}  COMMAND",
-        "ID", "STATE", "PID", "DURATION", "EXIT", "OUTPUT"
+        "{:<28} {:<10} {:>8} {:>9} {:>10} {:>5} {:>12}  COMMAND",
+        "ID", "STATE", "PID", "STARTED", "DURATION", "EXIT", "OUTPUT"
     );
     for b in &builds {
         let (state, duration_ms, code) = match &b.state {
@@ -53,12 +53,23 @@ pub async fn ps(args: PsArgs) -> anyhow::Result<i32> {
         };
         let secs = duration_ms / 1000;
         let duration = format!("{}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60);
+        let started = age(now_ms.saturating_sub(b.started_at_ms) / 1000);
         println!(
-            "{:<28} {:<10} {:>8} {:>10} {:>5} {:>12}  {}",
-            b.build.0, state, b.pid, duration, code, b.output_end, b.command
+            "{:<28} {:<10} {:>8} {:>9} {:>10} {:>5} {:>12}  {}",
+            b.build.0, state, b.pid, started, duration, code, b.output_end, b.command
         );
     }
     Ok(0)
+}
+
+/// How long ago, roughly: `42s ago`, `5m ago`, `3h ago`, `2d ago`.
+fn age(secs: u64) -> String {
+    match secs {
+        0..60 => format!("{secs}s ago"),
+        60..3600 => format!("{}m ago", secs / 60),
+        3600..86400 => format!("{}h ago", secs / 3600),
+        _ => format!("{}d ago", secs / 86400),
+    }
 }
 
 fn cause_name(cause: EndCause) -> &'static str {
@@ -106,5 +117,29 @@ fn exit_code(status: &ExitStatus, cause: EndCause) -> i32 {
         exit::TIMED_OUT
     } else {
         exit::for_status(status)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages_are_short() {
+        assert_eq!(age(0), "0s ago");
+        assert_eq!(age(59), "59s ago");
+        assert_eq!(age(60), "1m ago");
+        assert_eq!(age(7199), "1h ago");
+        assert_eq!(age(86400 * 3), "3d ago");
+    }
+
+    #[test]
+    fn timed_out_builds_report_124() {
+        assert_eq!(exit_code(&ExitStatus::Code(0), EndCause::TimedOut), exit::TIMED_OUT);
+        let term = ExitStatus::Signal {
+            signal: 15,
+            core_dumped: false,
+        };
+        assert_eq!(exit_code(&term, EndCause::Cancelled), 143);
     }
 }
