@@ -16,7 +16,9 @@
 //!     <pid>-<random>/        0700, one per live (or dead, not yet swept) daemon
 //!       lock                 held locked by the daemon
 //!       builds/              0700
-//!         <name>.<random>/   0700, one per build: work/ and tmp/ inside
+//!         <id>.<random>/     0700, one per build: work/ and tmp/ inside
+//!       records/             0700, the builds' output spools and status log
+//!                            (see `crate::spool`)
 //! ```
 //!
 //! The lock file is created and locked under a temporary name and only then

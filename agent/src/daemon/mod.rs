@@ -1,8 +1,8 @@
 //! `tether serve`: the daemon.
 //!
-//! It keeps the container alive, reads framed sessions from its stdin (and later a Unix
-//! socket), runs builds through the executor, and writes frames to its stdout through a
-//! single writer. Its own logs go to stderr only: at start-up fd 1 is duplicated for the
+//! It keeps the container alive, reads framed sessions from its stdin and from clients
+//! of its Unix socket (`--socket`), runs builds through the executor, keeps their
+//! records for `--retain`, and writes each connection's frames through a single writer. Its own logs go to stderr only: at start-up fd 1 is duplicated for the
 //! frame writer and then pointed at stderr, and fd 0 at /dev/null, so nothing stray (a
 //! library's print, a panic message) can reach the protocol stream.
 
