@@ -18,6 +18,7 @@ pub mod spawn;
 pub mod spool;
 pub mod statedir;
 pub mod status;
+pub mod transfer;
 
 pub use build::{
     enlarge_pipe, Build, BuildControl, BuildEvent, BuildSpec, BuildStdin, CommandSpec, OutputChunk, StartError, Stream,
