@@ -709,7 +709,9 @@ fn d_via(via: &str, args: &[&str]) -> Proc {
 
 #[test]
 fn a_silent_daemon_is_detected_and_followed_after_it_wakes() {
-    let d = Daemon::start(&[]);
+    // The client waits for at least three of the daemon's heartbeat intervals, so the
+    // daemon pings often enough for the client's 1 s timeout to count.
+    let d = Daemon::start(&["--heartbeat", "200ms"]);
     let lines = 40;
     let client = d.spawn(
         "run",

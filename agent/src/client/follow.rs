@@ -217,6 +217,11 @@ async fn session(
     }
     let mut stdin: Option<StdinFwd> = None;
     let mut heard = Instant::now();
+    // A daemon that pings rarely (`serve --heartbeat 2m`) is not silent between pings:
+    // wait for at least three of its intervals.
+    let silence = args
+        .heartbeat_timeout
+        .max(Duration::from_millis(u64::from(conn.welcome.limits.heartbeat_ms)) * 3);
     loop {
         let can_send_stdin = stdin.as_ref().is_some_and(|s| s.open && s.sent - s.acked < s.window);
         let signalled = tokio::select! {
@@ -256,7 +261,7 @@ async fn session(
                 }
                 continue;
             }
-            _ = sleep_until(heard + args.heartbeat_timeout) => {
+            _ = sleep_until(heard + silence) => {
                 if !conn.inbound.is_empty() {
                     // We were the slow side (blocked on our own output): not silence.
                     heard = Instant::now();
@@ -264,7 +269,7 @@ async fn session(
                 }
                 return Err(Stop::Lost(anyhow!(
                     "the daemon sent nothing for {}",
-                    humantime::format_duration(args.heartbeat_timeout)
+                    humantime::format_duration(silence)
                 )));
             }
             _ = sigint.recv() => 2,
