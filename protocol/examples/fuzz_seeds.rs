@@ -1,0 +1,149 @@
+//! Writes seed corpora of real frames for the fuzz targets (see fuzz/README.md):
+//! `cargo run -p tether-protocol --example fuzz_seeds -- DIR` fills `DIR/frame_reader`
+//! with whole client and daemon streams (preamble, frames, a takeover pad) and
+//! `DIR/decode_message` with single payloads.
+
+use std::fs;
+use std::path::PathBuf;
+
+use tether_protocol::{
+    encode_frame, BuildId, BuildState, BuildSummary, Bytes, ClientMessage, CommandSpec, DaemonMessage, EndCause,
+    ExitStatus, Exited, GapReason, Hello, Limits, OutputStream, RunSpec, Started, Welcome, FRAME_HEADER_LEN, PREAMBLE,
+    PROTOCOL_VERSION,
+};
+
+fn client_messages() -> Vec<ClientMessage> {
+    let mut spec = RunSpec::new(CommandSpec::script("make -j4 test"));
+    spec.id = Some("build-1".into());
+    spec.stdin = true;
+    vec![
+        ClientMessage::Hello(Hello {
+            protocol: PROTOCOL_VERSION,
+            client_version: "0.1.0".into(),
+            capabilities: vec![],
+        }),
+        ClientMessage::Ping { nonce: 7 },
+        ClientMessage::Run {
+            req: 1,
+            spec,
+            follow: true,
+        },
+        ClientMessage::Stdin {
+            build: BuildId("build-1".into()),
+            data: Bytes::from(b"input\n".to_vec()),
+        },
+        ClientMessage::CloseStdin {
+            build: BuildId("build-1".into()),
+        },
+        ClientMessage::Attach {
+            req: 2,
+            build: BuildId("build-1".into()),
+            from: 300,
+            follow: true,
+        },
+        ClientMessage::List { req: 3, all: true },
+        ClientMessage::Cancel {
+            req: 4,
+            build: BuildId("build-1".into()),
+            force: false,
+        },
+    ]
+}
+
+fn daemon_messages() -> Vec<DaemonMessage> {
+    let build = BuildId("build-1".into());
+    let summary = BuildSummary {
+        build: build.clone(),
+        command: "make".into(),
+        pid: 42,
+        started_at_ms: 1,
+        output_end: 10,
+        state: BuildState::Running,
+    };
+    vec![
+        DaemonMessage::Welcome(Welcome {
+            protocol: PROTOCOL_VERSION,
+            daemon_version: "0.1.0".into(),
+            capabilities: vec![],
+            limits: Limits {
+                max_payload: 131_072,
+                max_chunk: 65_536,
+                stdin_window: 262_144,
+                heartbeat_ms: 10_000,
+            },
+            builds: vec![summary.clone()],
+        }),
+        DaemonMessage::Started(Started {
+            req: 1,
+            build: build.clone(),
+            pid: 42,
+            shell: Some(Bytes::from(b"/bin/sh".to_vec())),
+            existing: false,
+        }),
+        DaemonMessage::Output {
+            build: build.clone(),
+            stream: OutputStream::Stdout,
+            offset: 0,
+            data: Bytes::from(b"hello\n".to_vec()),
+        },
+        DaemonMessage::Gap {
+            build: build.clone(),
+            from: 6,
+            to: 8,
+            reason: GapReason::Quota,
+        },
+        DaemonMessage::Attached { req: 2, build: summary },
+        DaemonMessage::Exited(Exited {
+            build,
+            status: ExitStatus::Code(2),
+            cause: EndCause::Completed,
+            duration_ms: 5,
+            stdout_bytes: 6,
+            stderr_bytes: 4,
+        }),
+    ]
+}
+
+fn frames<T: serde::Serialize>(msgs: &[T]) -> Vec<Vec<u8>> {
+    msgs.iter()
+        .map(|m| {
+            let mut f = Vec::new();
+            encode_frame(m, &mut f).expect("seed messages fit a frame");
+            f
+        })
+        .collect()
+}
+
+fn main() -> std::io::Result<()> {
+    let dir = PathBuf::from(std::env::args().nth(1).unwrap_or_else(|| "fuzz/corpus".into()));
+    let reader = dir.join("frame_reader");
+    let decoder = dir.join("decode_message");
+    fs::create_dir_all(&reader)?;
+    fs::create_dir_all(&decoder)?;
+    let client = frames(&client_messages());
+    let daemon = frames(&daemon_messages());
+    for (i, f) in client.iter().chain(daemon.iter()).enumerate() {
+        fs::write(decoder.join(format!("payload-{i}")), &f[FRAME_HEADER_LEN..])?;
+    }
+    // Streams: the split-size prefix (4 bytes) then the stream.
+    let prefix = [1u8, 7, 64, 255];
+    let session = |fs: &[Vec<u8>]| [prefix.as_slice(), PREAMBLE, &fs.concat()].concat();
+    fs::write(reader.join("client-session"), session(&client))?;
+    fs::write(reader.join("daemon-session"), session(&daemon))?;
+    let mut junk = b"Welcome to a shell banner\r\n$ ".to_vec();
+    junk.extend_from_slice(&session(&client)[4..]);
+    fs::write(reader.join("banner-then-session"), [prefix.as_slice(), &junk].concat())?;
+    let half = &client[2][..client[2].len() / 2];
+    let takeover = [
+        prefix.as_slice(),
+        PREAMBLE,
+        half,
+        &vec![0u8; 4096],
+        PREAMBLE,
+        &client[0],
+    ]
+    .concat();
+    fs::write(reader.join("abandoned-frame-then-takeover"), takeover)?;
+    println!("seeds written to {}", dir.display());
+    Ok(())
+}
