@@ -640,6 +640,34 @@ impl SpoolWriter {
     /// next batch starts a new one. Then enforces the build quota and the total quota.
     pub fn append(&mut self, chunks: &[(Stream, &[u8])]) -> u64 {
         let first = self.end;
+        // In batches of at most a segment's size, so that a large batch does not make
+        // one segment (which quotas never drop while it is current) larger than that.
+        let mut rest = chunks;
+        // A failure injected for "the next write" fails every batch of this append.
+        #[cfg(test)]
+        let fail = self.fail_next;
+        while !rest.is_empty() {
+            #[cfg(test)]
+            if self.fail_next.is_none() && rest.len() < chunks.len() {
+                self.fail_next = fail;
+            }
+            let mut take = 0;
+            let mut bytes = 0u64;
+            for &(_, data) in rest {
+                if take > 0 && bytes + data.len() as u64 > self.segment_bytes {
+                    break;
+                }
+                bytes += data.len() as u64;
+                take += 1;
+            }
+            self.append_batch(&rest[..take]);
+            rest = &rest[take..];
+        }
+        first
+    }
+
+    fn append_batch(&mut self, chunks: &[(Stream, &[u8])]) -> u64 {
+        let first = self.end;
         let len = self.encode(chunks);
         if len == 0 {
             return first;
@@ -1460,6 +1488,25 @@ mod tests {
         // The id is free again.
         let (again, _w) = set.create("b").unwrap();
         assert_eq!(again.end(), 0);
+    }
+
+    #[test]
+    fn a_large_batch_is_split_so_the_build_quota_holds() {
+        let tmp = tempfile::tempdir().unwrap();
+        let set = set_in(tmp.path(), 256 * 1024, BIG);
+        let (spool, mut w) = set.create("b").unwrap();
+        assert_eq!(w.segment_bytes, 64 * 1024);
+        // One batch of 1 MiB (what a busy spooler hands over at once).
+        let chunk = pattern(0, 64 * 1024);
+        let batch: Vec<(Stream, &[u8])> = (0..16).map(|_| (OUT, chunk.as_slice())).collect();
+        assert_eq!(w.append(&batch), 0);
+        assert_eq!(spool.end(), 1 << 20);
+        assert!(
+            spool.disk_bytes() <= 256 * 1024 + 2 * (64 * 1024 + 5),
+            "kept {} bytes",
+            spool.disk_bytes()
+        );
+        assert!(spool.start() >= (1 << 20) - 384 * 1024);
     }
 
     #[test]
