@@ -20,30 +20,12 @@ fn main() {
     };
     let code = match cli.command {
         Command::Serve(args) => serve(args),
-        Command::Run(args) => {
-            client_logging(args.connect.verbose);
-            client_main(client::run::run(args))
-        }
-        Command::Attach(args) => {
-            client_logging(args.connect.verbose);
-            client_main(client::attach::attach(args))
-        }
-        Command::Logs(args) => {
-            client_logging(args.connect.verbose);
-            client_main(client::attach::logs(args))
-        }
-        Command::DialStdio(args) => {
-            client_logging(0);
-            client_main(client::dial::dial_stdio(args))
-        }
-        Command::Ps(args) => {
-            client_logging(args.connect.verbose);
-            client_main(client::ps::ps(args))
-        }
-        Command::Cancel(args) => {
-            client_logging(args.connect.verbose);
-            client_main(client::cancel::cancel(args))
-        }
+        Command::Run(args) => client_main(args.connect.verbose, client::run::run(args)),
+        Command::Attach(args) => client_main(args.connect.verbose, client::attach::attach(args)),
+        Command::Logs(args) => client_main(args.connect.verbose, client::attach::logs(args)),
+        Command::DialStdio(args) => client_main(0, client::dial::dial_stdio(args)),
+        Command::Ps(args) => client_main(args.connect.verbose, client::ps::ps(args)),
+        Command::Cancel(args) => client_main(args.connect.verbose, client::cancel::cancel(args)),
         Command::Install(args) => match install::install(&args.dir) {
             Ok(path) => {
                 println!("{}", path.display());
@@ -140,9 +122,10 @@ fn usage_error(e: clap::Error) -> i32 {
     client::exit::TETHER_FAILED
 }
 
-/// Runs a client command; any error is tether's own failure (exit 125) with a one-line
-/// reason on stderr.
-fn client_main(fut: impl std::future::Future<Output = anyhow::Result<i32>>) -> i32 {
+/// Runs a client command with logging at `verbose`; any error is tether's own failure
+/// (exit 125) with a one-line reason on stderr.
+fn client_main(verbose: u8, fut: impl std::future::Future<Output = anyhow::Result<i32>>) -> i32 {
+    client_logging(verbose);
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

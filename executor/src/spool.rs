@@ -189,8 +189,7 @@ fn ensure_dir(dir: &Path, state: &mut State) -> io::Result<()> {
     }
     match DirBuilder::new().mode(0o700).create(dir) {
         Ok(()) => {}
-        // Made by an earlier writer of this id whose spool was removed meanwhile? No:
-        // removal deletes it. Only ever ours: the records root is private to the daemon.
+        // Only ever ours (the records root is private to the daemon): reuse it.
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => {}
         Err(e) => return Err(with_path("create", dir)(e)),
     }

@@ -144,6 +144,27 @@ pub fn via_serve(state_dir: &Path) -> String {
     )
 }
 
+/// Starts `tether serve --socket <dir>/tether.sock` with its state in `<dir>/state` and
+/// `args` (its stdin kept open by the returned [`Serve`]), and waits until the socket
+/// accepts connections: connectable, not merely present (a stale file may be there
+/// before the daemon).
+pub fn serve_socket(dir: &Path, args: &[&str]) -> (Serve, PathBuf) {
+    let sock = dir.join("tether.sock");
+    let sock_arg = sock.to_str().expect("a UTF-8 temp path").to_owned();
+    let mut all = vec!["--socket", sock_arg.as_str()];
+    all.extend_from_slice(args);
+    let serve = Serve::with_state_dir(&dir.join("state"), &all);
+    assert!(
+        wait_until(Duration::from_secs(60), || std::os::unix::net::UnixStream::connect(
+            &sock
+        )
+        .is_ok()),
+        "the socket never answered; daemon stderr: {}",
+        serve.stderr.text()
+    );
+    (serve, sock)
+}
+
 /// Quotes a string for `sh`.
 pub fn shell_quote(s: &OsStr) -> String {
     format!("'{}'", s.to_string_lossy().replace('\'', r"'\''"))

@@ -36,17 +36,9 @@ struct Daemon {
 impl Daemon {
     fn start(extra: &[&str]) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("tether.sock");
-        let sock_arg = sock.to_str().unwrap().to_owned();
-        let mut args = vec!["--socket", sock_arg.as_str(), "--log-level", "info", "--grace", "2s"];
+        let mut args = vec!["--log-level", "info", "--grace", "2s"];
         args.extend_from_slice(extra);
-        let serve = Serve::with_state_dir(&dir.path().join("state"), &args);
-        // Connectable, not merely present.
-        assert!(
-            wait_until(LONG, || UnixStream::connect(&sock).is_ok()),
-            "the socket never answered; daemon stderr: {}",
-            serve.stderr.text()
-        );
+        let (serve, sock) = integration_tests::serve_socket(dir.path(), &args);
         Daemon { serve, sock, dir }
     }
 

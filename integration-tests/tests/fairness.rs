@@ -72,17 +72,10 @@ fn spawn_with_pipe(mut cmd: Command) -> (Proc, OwnedFd) {
 
 /// A daemon serving on `<dir>/tether.sock` (its stdin kept open by the test).
 fn serve_socket(dir: &Path, extra: &[&str]) -> (Serve, String) {
-    let sock = dir.join("tether.sock");
-    let sock_arg = sock.to_str().unwrap().to_owned();
-    let mut args = vec!["--socket", sock_arg.as_str(), "--log-level", "warn"];
+    let mut args = vec!["--log-level", "warn"];
     args.extend_from_slice(extra);
-    let serve = Serve::with_state_dir(&dir.join("state"), &args);
-    assert!(
-        wait_until(TIMEOUT, || std::os::unix::net::UnixStream::connect(&sock).is_ok()),
-        "the socket never answered; daemon stderr: {}",
-        serve.stderr.text()
-    );
-    (serve, sock_arg)
+    let (serve, sock) = integration_tests::serve_socket(dir, &args);
+    (serve, sock.to_str().unwrap().to_owned())
 }
 
 /// The `state` of build `id` in `tether ps --all --json`, if listed.

@@ -8,18 +8,9 @@ use integration_tests::{tether, tether_bin, wait_until, Proc, Serve, TIMEOUT};
 
 /// A daemon serving on `<dir>/tether.sock` (and its stdin, kept open by the test).
 fn serve_socket(dir: &Path, extra: &[&str]) -> (Serve, PathBuf) {
-    let sock = dir.join("tether.sock");
-    let sock_arg = sock.to_str().unwrap().to_owned();
-    let mut args = vec!["--socket", sock_arg.as_str(), "--log-level", "info"];
+    let mut args = vec!["--log-level", "info"];
     args.extend_from_slice(extra);
-    let serve = Serve::with_state_dir(&dir.join("state"), &args);
-    // Connectable, not merely present: a stale file may be there before the daemon.
-    assert!(
-        wait_until(TIMEOUT, || std::os::unix::net::UnixStream::connect(&sock).is_ok()),
-        "the socket never answered; daemon stderr: {}",
-        serve.stderr.text()
-    );
-    (serve, sock)
+    integration_tests::serve_socket(dir, &args)
 }
 
 fn run_on(sock: &Path, args: &[&str]) -> integration_tests::Finished {

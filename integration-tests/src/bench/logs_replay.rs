@@ -110,11 +110,7 @@ impl Scenario for LogsReplay {
         let _ = std::fs::remove_file(&file);
         let (base, teth) = result?;
         let stats = |v: Vec<f64>| Stats::of(v).context("no repetitions");
-        let size = if bytes >= 1 << 30 {
-            format!("{} GiB", bytes >> 30)
-        } else {
-            format!("{} MiB", bytes >> 20)
-        };
+        let size = crate::report::size_label(bytes);
         Ok(vec![Row {
             scenario: format!("logs of a finished {size} build (socket, warm cache)"),
             metric: "throughput".into(),

@@ -135,6 +135,15 @@ impl Row {
 }
 
 /// A number with as many decimals as its size deserves.
+/// `2 GiB` for whole GiB, else `256 MiB`: sizes in scenario names.
+pub fn size_label(bytes: u64) -> String {
+    if bytes >= 1 << 30 && bytes & ((1 << 30) - 1) == 0 {
+        format!("{} GiB", bytes >> 30)
+    } else {
+        format!("{} MiB", bytes >> 20)
+    }
+}
+
 pub fn num(x: f64) -> String {
     let a = x.abs();
     if a >= 100.0 || x == x.trunc() && a >= 10.0 {

@@ -109,11 +109,7 @@ impl Scenario for StalledMemory {
         }
         let stats = |v: Vec<f64>| Stats::of(v).context("no repetitions");
         let rate = stats(rates)?;
-        let size = if bytes >= 1 << 30 {
-            format!("{} GiB", bytes >> 30)
-        } else {
-            format!("{} MiB", bytes >> 20)
-        };
+        let size = crate::report::size_label(bytes);
         Ok(vec![Row {
             scenario: format!("{size} build, its client stalled (socket)"),
             metric: "daemon VmHWM".into(),

@@ -8,20 +8,12 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::procs::run_timed;
-use crate::report::{num, Goal, Row, Stats};
+use crate::report::{num, size_label, Goal, Row, Stats};
 use crate::scenario::{Ctx, Scenario};
 
 pub struct Stream;
 
 const MIB: f64 = (1u64 << 20) as f64;
-
-fn size_label(bytes: u64) -> String {
-    if bytes >= 1 << 30 && bytes & ((1 << 30) - 1) == 0 {
-        format!("{} GiB", bytes >> 30)
-    } else {
-        format!("{} MiB", bytes >> 20)
-    }
-}
 
 impl Scenario for Stream {
     fn id(&self) -> &'static str {
