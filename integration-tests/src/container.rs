@@ -20,12 +20,10 @@ use std::sync::{mpsc, OnceLock};
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tether_protocol::{
-    encode_frame, BuildId, ClientMessage, DaemonMessage, Exited, OutputStream, RunSpec, Started, PREAMBLE,
-};
+use tether_protocol::{BuildId, ClientMessage, DaemonMessage, Exited, OutputStream, RunSpec, Started};
 
 use crate::{
-    build_if_stale, decode_events, hello_message, shell_quote, target_dir, tether, wait_child, wait_until, Collector,
+    build_if_stale, decode_events, shell_quote, target_dir, tether, wait_child, wait_until, Collector, DaemonLink,
     Event, Finished, Proc, TIMEOUT,
 };
 
@@ -490,43 +488,15 @@ pub struct Session {
     eof: bool,
 }
 
-impl Session {
-    fn new(
-        child: Option<Child>,
-        writer: Box<dyn Write + Send>,
-        out: impl Read + Send + 'static,
-        stderr: Collector,
-        pty_slave: Option<OwnedFd>,
-    ) -> Session {
-        Session {
-            child,
-            writer: Some(writer),
-            events: decode_events(out),
-            stderr,
-            pty_slave,
-            pty_initial: None,
-            builds: Default::default(),
-            eof: false,
-        }
-    }
-
-    pub fn send_raw(&mut self, bytes: &[u8]) {
+impl DaemonLink for Session {
+    fn send_raw(&mut self, bytes: &[u8]) {
         let w = self.writer.as_mut().expect("stdin already closed");
         w.write_all(bytes).expect("writing to the container's stdin");
         w.flush().expect("flushing the container's stdin");
     }
 
-    pub fn send(&mut self, msg: &ClientMessage) {
-        self.send_raw(&crate::frame(msg));
-    }
-
-    /// Closes the container's stdin (the pty master, for a pty session).
-    pub fn close_stdin(&mut self) {
-        self.writer = None;
-    }
-
     /// The next item read from the container's stdout (a test failure after `TIMEOUT`).
-    pub fn next_event(&mut self) -> Event {
+    fn next_event(&mut self) -> Event {
         assert!(!self.eof, "the container's stdout already ended");
         match self.events.recv_timeout(TIMEOUT) {
             Ok(ev) => {
@@ -542,8 +512,12 @@ impl Session {
         }
     }
 
+    fn stderr_text(&self) -> String {
+        self.stderr.text()
+    }
+
     /// Records build output and exits; answers pings.
-    fn record(&mut self, m: &DaemonMessage) {
+    fn seen(&mut self, m: &DaemonMessage) {
         match m {
             DaemonMessage::Output {
                 build, stream, data, ..
@@ -564,52 +538,31 @@ impl Session {
             _ => {}
         }
     }
+}
 
-    /// The next message (recorded), skipping preambles; a test failure on anything else.
-    pub fn next_message(&mut self) -> DaemonMessage {
-        loop {
-            match self.next_event() {
-                Event::Preamble => continue,
-                Event::Message(m) => {
-                    self.record(&m);
-                    return m;
-                }
-                other => panic!("expected a message, got {other:?}; stderr:\n{}", self.stderr.text()),
-            }
+impl Session {
+    fn new(
+        child: Option<Child>,
+        writer: Box<dyn Write + Send>,
+        out: impl Read + Send + 'static,
+        stderr: Collector,
+        pty_slave: Option<OwnedFd>,
+    ) -> Session {
+        Session {
+            child,
+            writer: Some(writer),
+            events: decode_events(out),
+            stderr,
+            pty_slave,
+            pty_initial: None,
+            builds: Default::default(),
+            eof: false,
         }
     }
 
-    /// Skips messages until `pick` returns `Some`.
-    pub fn wait_message<T>(&mut self, mut pick: impl FnMut(&DaemonMessage) -> Option<T>) -> T {
-        loop {
-            let m = self.next_message();
-            if let Some(t) = pick(&m) {
-                return t;
-            }
-        }
-    }
-
-    /// Waits for the daemon's start-up preamble.
-    pub fn expect_preamble(&mut self) {
-        match self.next_event() {
-            Event::Preamble => {}
-            other => panic!(
-                "expected the preamble first, got {other:?}; stderr:\n{}",
-                self.stderr.text()
-            ),
-        }
-    }
-
-    /// Opens a session: preamble and Hello, then waits for Welcome.
-    pub fn hello(&mut self) -> tether_protocol::Welcome {
-        let mut bytes = PREAMBLE.to_vec();
-        encode_frame(&hello_message(), &mut bytes).unwrap();
-        self.send_raw(&bytes);
-        self.wait_message(|m| match m {
-            DaemonMessage::Welcome(w) => Some(w.clone()),
-            DaemonMessage::Error(e) => panic!("Hello refused: {e:?}"),
-            _ => None,
-        })
+    /// Closes the container's stdin (the pty master, for a pty session).
+    pub fn close_stdin(&mut self) {
+        self.writer = None;
     }
 
     /// Sends `Run` and waits for its `Started`.
@@ -646,7 +599,7 @@ impl Session {
     pub fn wait_eof(&mut self) {
         while !self.eof {
             match self.next_event() {
-                Event::Message(m) => self.record(&m),
+                Event::Message(m) => self.seen(&m),
                 Event::Preamble | Event::Eof => {}
                 other => panic!("expected frames, got {other:?}; stderr:\n{}", self.stderr.text()),
             }

@@ -539,47 +539,54 @@ impl Serve {
         self.child.id()
     }
 
-    /// Writes raw bytes to the daemon's stdin.
-    pub fn send_raw(&mut self, bytes: &[u8]) {
-        let stdin = self.stdin.as_mut().expect("stdin already closed");
-        stdin.write_all(bytes).expect("writing to tether serve");
-        stdin.flush().expect("flushing to tether serve");
-    }
-
-    /// Writes one framed message.
-    pub fn send(&mut self, msg: &ClientMessage) {
-        self.send_raw(&frame(msg));
-    }
-
     /// Closes the daemon's stdin.
     pub fn close_stdin(&mut self) {
         self.stdin = None;
     }
 
-    /// The next item from the daemon's stdout (a test failure after `TIMEOUT`).
-    pub fn next_event(&mut self) -> Event {
-        match self.events.recv_timeout(TIMEOUT) {
-            Ok(ev) => ev,
-            Err(_) => panic!(
-                "no output from tether serve within {TIMEOUT:?}; stderr:\n{}",
-                self.stderr.text()
-            ),
-        }
+    /// Waits (at most `timeout`) for the daemon to exit.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        wait_child(&mut self.child, timeout)
+    }
+}
+
+/// A test's end of a daemon's frame stream (a `tether serve` child, a container's
+/// stdio): the reading and handshake helpers every such end shares.
+pub trait DaemonLink {
+    /// Writes raw bytes to the daemon.
+    fn send_raw(&mut self, bytes: &[u8]);
+
+    /// The next item from the daemon (a test failure after `TIMEOUT`).
+    fn next_event(&mut self) -> Event;
+
+    /// What the daemon wrote to stderr so far, for failure messages.
+    fn stderr_text(&self) -> String;
+
+    /// Sees every message [`DaemonLink::next_message`] returns (to record it, answer a
+    /// ping, ...); nothing by default.
+    fn seen(&mut self, _msg: &DaemonMessage) {}
+
+    /// Writes one framed message.
+    fn send(&mut self, msg: &ClientMessage) {
+        self.send_raw(&frame(msg));
     }
 
     /// The next message, skipping preambles; a test failure on anything else.
-    pub fn next_message(&mut self) -> DaemonMessage {
+    fn next_message(&mut self) -> DaemonMessage {
         loop {
             match self.next_event() {
                 Event::Preamble => continue,
-                Event::Message(m) => return m,
-                other => panic!("expected a message, got {other:?}; stderr:\n{}", self.stderr.text()),
+                Event::Message(m) => {
+                    self.seen(&m);
+                    return m;
+                }
+                other => panic!("expected a message, got {other:?}; stderr:\n{}", self.stderr_text()),
             }
         }
     }
 
     /// Skips messages until `pick` returns `Some`.
-    pub fn wait_message<T>(&mut self, mut pick: impl FnMut(&DaemonMessage) -> Option<T>) -> T {
+    fn wait_message<T>(&mut self, mut pick: impl FnMut(&DaemonMessage) -> Option<T>) -> T {
         loop {
             let m = self.next_message();
             if let Some(t) = pick(&m) {
@@ -589,15 +596,18 @@ impl Serve {
     }
 
     /// Waits for the daemon's own preamble (written at start-up).
-    pub fn expect_preamble(&mut self) {
+    fn expect_preamble(&mut self) {
         match self.next_event() {
             Event::Preamble => {}
-            other => panic!("expected the preamble first, got {other:?}"),
+            other => panic!(
+                "expected the preamble first, got {other:?}; stderr:\n{}",
+                self.stderr_text()
+            ),
         }
     }
 
     /// Opens a session: preamble and Hello, then waits for Welcome.
-    pub fn hello(&mut self) -> tether_protocol::Welcome {
+    fn hello(&mut self) -> tether_protocol::Welcome {
         let mut bytes = PREAMBLE.to_vec();
         encode_frame(&hello_message(), &mut bytes).unwrap();
         self.send_raw(&bytes);
@@ -607,10 +617,28 @@ impl Serve {
             _ => None,
         })
     }
+}
 
-    /// Waits (at most `timeout`) for the daemon to exit.
-    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        wait_child(&mut self.child, timeout)
+impl DaemonLink for Serve {
+    fn send_raw(&mut self, bytes: &[u8]) {
+        let stdin = self.stdin.as_mut().expect("stdin already closed");
+        stdin.write_all(bytes).expect("writing to tether serve");
+        stdin.flush().expect("flushing to tether serve");
+    }
+
+    /// The next item from the daemon's stdout (a test failure after `TIMEOUT`).
+    fn next_event(&mut self) -> Event {
+        match self.events.recv_timeout(TIMEOUT) {
+            Ok(ev) => ev,
+            Err(_) => panic!(
+                "no output from tether serve within {TIMEOUT:?}; stderr:\n{}",
+                self.stderr.text()
+            ),
+        }
+    }
+
+    fn stderr_text(&self) -> String {
+        self.stderr.text()
     }
 }
 

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use integration_tests::DaemonLink;
 use integration_tests::{run, script_spec, subdirs, tether, via_serve, Proc, Serve, TIMEOUT};
 use tether_protocol::{ClientMessage, DaemonMessage, EnvVar};
 

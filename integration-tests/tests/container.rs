@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use integration_tests::container::{
     host_proc, pty_termios, runc_usable, serve_in_own_process_group, BuildOutput, Bundle, ProcInfo,
 };
+use integration_tests::DaemonLink;
 use integration_tests::{script_spec, signal, subdirs, wait_until, Event, Serve, TIMEOUT};
 use nix::sys::signal::Signal;
 use nix::sys::termios::LocalFlags;

@@ -14,6 +14,7 @@ use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use integration_tests::DaemonLink;
 use integration_tests::{
     frame, hello_message, script_spec, signal, tether, wait_child, wait_until, Collector, Event, Proc, Serve, TIMEOUT,
 };

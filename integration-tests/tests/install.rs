@@ -3,6 +3,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::process::Stdio;
 
+use integration_tests::DaemonLink;
 use integration_tests::{tether, tether_bin, wait_until, Proc, Serve, TIMEOUT};
 
 #[test]

@@ -1,6 +1,7 @@
 //! `tether serve` on a damaged or misused stream: errors are reported with the right
 //! kind and the session goes on.
 
+use integration_tests::DaemonLink;
 use integration_tests::{frame, hello_message, script_spec, Serve};
 use tether_protocol::{
     encode_frame, BuildId, ClientMessage, DaemonMessage, ErrorKind, ErrorReport, FRAME_HEADER_LEN, MAGIC, PREAMBLE,

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use integration_tests::DaemonLink;
 use integration_tests::{script_spec, signal, subdirs, wait_until, Event, Serve};
 use nix::sys::signal::Signal;
 use tether_protocol::{ClientMessage, DaemonMessage, EndCause, ExitStatus, OutputStream};

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use integration_tests::container::{runc_skip_reason, Bundle, STATE_DIR, TETHER_PATH};
+use integration_tests::DaemonLink;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use tether_protocol::{
     decode, encode_frame, ClientMessage, CommandSpec, DaemonMessage, Decoded, ExitStatus, FrameDecoder, Hello, RunSpec,
