@@ -170,8 +170,38 @@ pub struct ServeArgs {
     /// A session whose client sent nothing for this long is dropped (its builds go on).
     #[arg(long, value_name = "DUR", default_value = "60s", value_parser = parse_duration)]
     pub heartbeat_timeout: Duration,
+    /// Hold every build until this answers: an http(s) URL answering 2xx, or
+    /// `tcp://host:port` accepting (repeatable; a sidecar such as a registry).
+    #[arg(long = "wait-for", value_name = "URL")]
+    pub wait_for: Vec<String>,
+    /// How long a build waits for the readiness gates before it fails (exit 125).
+    #[arg(long, value_name = "DUR", default_value = "5m", value_parser = parse_duration)]
+    pub wait_timeout: Duration,
+    #[command(flatten)]
+    pub archive: ArchiveArgs,
     #[command(flatten)]
     pub log: LogArgs,
+}
+
+/// Caps on an archive this side unpacks (uploads and fetched archives on the daemon,
+/// downloads on the client): past them it is refused.
+#[derive(Debug, Args, Clone, Copy)]
+pub struct ArchiveArgs {
+    /// Most bytes of file data one archive may hold (and one fetched body may have).
+    #[arg(long, value_name = "SIZE", default_value = "8GiB", value_parser = parse_size)]
+    pub max_archive_bytes: u64,
+    /// Most entries (files, directories, links) one archive may hold.
+    #[arg(long, value_name = "N", default_value_t = 1_000_000)]
+    pub max_archive_entries: u64,
+}
+
+impl ArchiveArgs {
+    pub fn limits(&self) -> tether_executor::transfer::UnpackLimits {
+        tether_executor::transfer::UnpackLimits {
+            max_bytes: self.max_archive_bytes,
+            max_entries: self.max_archive_entries,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -239,8 +269,41 @@ pub struct RunArgs {
     #[arg(long, value_name = "ID")]
     pub id: Option<String>,
     /// Start the build, print its id and return at once (needs --via or --socket).
-    #[arg(long, short = 'd', conflicts_with_all = ["interactive", "json"])]
+    #[arg(long, short = 'd', conflicts_with_all = ["interactive", "json", "download"])]
     pub detach: bool,
+    /// Send a local file or directory into the build's work dir before the command
+    /// starts, as `cp -r SRC DEST/` would place it (`DIR/.` sends DIR's contents);
+    /// DEST is relative to the work dir, default `.` (repeatable).
+    #[arg(long, value_name = "SRC[:DEST]")]
+    pub upload: Vec<String>,
+    /// Leave out of uploads the paths matching this glob (`*.o`, `target/**`; repeatable).
+    #[arg(long, value_name = "GLOB", requires = "upload")]
+    pub exclude: Vec<String>,
+    /// After the command ends (also when it failed or timed out), fetch PATH of the
+    /// work dir into the local directory LOCAL (default: the current one), as
+    /// `cp -r PATH LOCAL/` would (`.` fetches the whole work dir's contents; repeatable).
+    #[arg(long, value_name = "PATH[:LOCAL]")]
+    pub download: Vec<String>,
+    /// Have the daemon download URL into the work dir before the command starts (a
+    /// `.tar`, `.tar.gz` or `.tgz` is unpacked into DEST), checking its sha256 when
+    /// given (repeatable; write a ':' in the URL's path as %3A).
+    #[arg(long, value_name = "URL[#sha256=HEX][:DEST]")]
+    pub fetch: Vec<String>,
+    /// Start the command only once this answers: an http(s) URL answering 2xx, or
+    /// `tcp://host:port` accepting (repeatable).
+    #[arg(long = "wait-for", value_name = "URL")]
+    pub wait_for: Vec<String>,
+    /// How long to wait for the readiness gates (default: the daemon's, 5m).
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub wait_timeout: Option<Duration>,
+    /// A progress bar for uploads and downloads on stderr (default: when it is a terminal).
+    #[arg(long, overrides_with = "no_progress")]
+    pub progress: bool,
+    /// No progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
+    #[command(flatten)]
+    pub archive: ArchiveArgs,
     /// Run this script with a shell (`sh` on PATH, `/bin/sh`, `/busybox/sh`).
     #[arg(
         long,

@@ -1,8 +1,10 @@
 //! `tether`: the daemon (`tether serve`) and its client commands in one static binary.
 
+mod chunks;
 mod cli;
 mod client;
 mod daemon;
+mod hex;
 mod ids;
 mod install;
 mod logging;
@@ -87,6 +89,9 @@ fn serve(args: cli::ServeArgs) -> i32 {
         quota_total: args.quota_total,
         heartbeat: args.heartbeat,
         heartbeat_timeout: args.heartbeat_timeout,
+        wait_for: args.wait_for,
+        wait_timeout: args.wait_timeout,
+        unpack: args.archive.limits(),
     };
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,

@@ -11,7 +11,11 @@
 //!    SIGKILL after the grace period. No process of the build survives it.
 //! 4. The pipes are read until EOF, or until they stay silent for [`DRAIN_WAIT`] (a
 //!    process that escaped the group may hold them forever).
-//! 5. The private directory is removed, then [`BuildEvent::Finished`] is sent: the last
+//! 5. With [`BuildSpec::hold_after`], the build is *held*: [`BuildEvent::Held`] reports
+//!    its status (after every output chunk) while its directory stays, so a client can
+//!    take files out of it, until [`BuildControl::release`], a cancel, or the hold's
+//!    time runs out. A release may replace the status the build finishes with.
+//! 6. The private directory is removed, then [`BuildEvent::Finished`] is sent: the last
 //!    event, after every output chunk.
 //!
 //! Output goes through the build's *spooler*, a thread of its own: the pipe readers hand
@@ -80,6 +84,9 @@ pub struct BuildSpec {
     pub grace: Option<Duration>,
     /// Give the build a stdin pipe ([`Build::stdin`]) instead of /dev/null.
     pub stdin: bool,
+    /// Keep the directory after the command ended, for at most this long, until
+    /// [`BuildControl::release`] (see the module doc, step 5).
+    pub hold_after: Option<Duration>,
 }
 
 /// Which output stream a chunk belongs to.
@@ -99,11 +106,30 @@ pub struct OutputChunk {
     pub data: Vec<u8>,
 }
 
-/// What a build reports, in order: output chunks, then exactly one `Finished`.
+/// What a build reports, in order: output chunks, at most one `Held` (only with
+/// [`BuildSpec::hold_after`]), then exactly one `Finished`.
 #[derive(Debug, Clone)]
 pub enum BuildEvent {
     Output(OutputChunk),
+    Held(Held),
     Finished(BuildOutcome),
+}
+
+/// A build whose command ended and whose directory is kept until it is released.
+#[derive(Debug, Clone, Copy)]
+pub struct Held {
+    /// The main process's status (`None` as in [`BuildOutcome::status`]).
+    pub status: Option<ChildStatus>,
+    pub cause: EndCause,
+    /// How long the hold lasts at most.
+    pub hold: Duration,
+}
+
+/// What a [`BuildControl`] asks the supervisor.
+#[derive(Debug, Clone, Copy)]
+enum Control {
+    Cancel { force: bool },
+    Release(Option<ChildStatus>),
 }
 
 /// Why a build could not start. Nothing is left behind when this is returned.
@@ -134,7 +160,7 @@ pub enum StartError {
 /// Stops a build. Cheap to clone; outlives the build harmlessly.
 #[derive(Clone, Debug)]
 pub struct BuildControl {
-    tx: mpsc::UnboundedSender<bool>,
+    tx: mpsc::UnboundedSender<Control>,
     /// One per stream (stdout, stderr): set to stop reading that pipe.
     close: std::sync::Arc<[watch::Sender<bool>; 2]>,
 }
@@ -143,7 +169,14 @@ impl BuildControl {
     /// SIGTERM to the group, SIGKILL after the grace period; `force`: SIGKILL now.
     pub fn cancel(&self, force: bool) {
         // A send error means the build already finished.
-        let _ = self.tx.send(force);
+        let _ = self.tx.send(Control::Cancel { force });
+    }
+
+    /// Ends a hold ([`BuildEvent::Held`]): the directory is removed and the build
+    /// finishes with `status`, or with its own when `None`. Ignored unless held; a
+    /// cancel ends a hold too.
+    pub fn release(&self, status: Option<ChildStatus>) {
+        let _ = self.tx.send(Control::Release(status));
     }
 
     /// Stops reading one of the build's output streams and closes tether's end of its
@@ -181,8 +214,10 @@ pub struct Build {
     pub pid: u32,
     /// The shell running the script, for script commands.
     pub shell: Option<PathBuf>,
-    /// The build's private work dir (its cwd is this or `workdir` inside it).
+    /// The build's cwd: its private work dir, or `workdir` inside it.
     pub work_dir: PathBuf,
+    /// The build's private work dir itself.
+    pub work_root: PathBuf,
     pub stdin: Option<BuildStdin>,
     pub events: mpsc::Receiver<BuildEvent>,
     pub control: BuildControl,
@@ -229,6 +264,7 @@ pub(crate) fn spawn(spec: BuildSpec, launch: Launch<'_>) -> Result<Build, StartE
 /// What the pipe readers and the supervisor hand the spooler.
 enum SpoolCmd {
     Chunk(Stream, Vec<u8>),
+    Held(Held),
     Finish(BuildOutcome),
 }
 
@@ -262,11 +298,16 @@ fn run_spooler(mut writer: SpoolWriter, mut rx: mpsc::Receiver<SpoolCmd>, events
         let Some(first) = rx.blocking_recv() else { break };
         let mut bytes = 0;
         let mut next = Some(first);
+        let mut held = None;
         while let Some(cmd) = next.take() {
             match cmd {
                 SpoolCmd::Chunk(stream, data) => {
                     bytes += data.len();
                     batch.push((stream, data));
+                }
+                SpoolCmd::Held(h) => {
+                    held = Some(h);
+                    break;
                 }
                 SpoolCmd::Finish(outcome) => {
                     finish = Some(outcome);
@@ -287,6 +328,11 @@ fn run_spooler(mut writer: SpoolWriter, mut rx: mpsc::Receiver<SpoolCmd>, events
                 if consumer && events.blocking_send(ev).is_err() {
                     consumer = false;
                 }
+            }
+        }
+        if let Some(h) = held {
+            if consumer && events.blocking_send(BuildEvent::Held(h)).is_err() {
+                consumer = false;
             }
         }
     }
@@ -491,6 +537,7 @@ fn supervise(spec: BuildSpec, launch: Launch<'_>, spooler: Spooler, s: Spawned) 
         pid: s.pid,
         shell: s.shell,
         work_dir: s.cwd,
+        work_root: launch.dir.work.clone(),
         stdin,
         events: events_rx,
         control: BuildControl {
@@ -503,6 +550,7 @@ fn supervise(spec: BuildSpec, launch: Launch<'_>, spooler: Spooler, s: Spawned) 
         pgid: Pid::from_raw(s.pid as i32),
         grace: spec.grace.unwrap_or(launch.default_grace),
         timeout: spec.timeout,
+        hold_after: spec.hold_after,
         reaper: launch.reaper.clone(),
         dir: launch.dir,
         id: launch.id,
@@ -516,6 +564,7 @@ struct Supervisor {
     pgid: Pid,
     grace: Duration,
     timeout: Option<Duration>,
+    hold_after: Option<Duration>,
     reaper: Reaper,
     dir: BuildDir,
     id: String,
@@ -526,7 +575,7 @@ impl Supervisor {
     async fn run(
         self,
         mut status_rx: oneshot::Receiver<ChildStatus>,
-        mut control: mpsc::UnboundedReceiver<bool>,
+        mut control: mpsc::UnboundedReceiver<Control>,
         finishing: watch::Sender<bool>,
         readers: [tokio::task::JoinHandle<u64>; 2],
         events: mpsc::Sender<SpoolCmd>,
@@ -545,7 +594,7 @@ impl Supervisor {
                     kill_at = Some(self.terminate(false));
                 }
                 msg = control.recv(), if control_open => match msg {
-                    Some(force) => {
+                    Some(Control::Cancel { force }) => {
                         if cause == EndCause::Completed {
                             cause = EndCause::Cancelled;
                         }
@@ -553,6 +602,8 @@ impl Supervisor {
                             kill_at = Some(self.terminate(force));
                         }
                     }
+                    // Nothing to release while the command runs.
+                    Some(Control::Release(_)) => {}
                     None => control_open = false,
                 },
                 _ = sleep_until_opt(kill_at) => {
@@ -587,7 +638,16 @@ impl Supervisor {
             None => both.await,
         };
 
-        // 5. Remove the directory, then report.
+        // 5. Hold the directory for whoever wants files out of it.
+        let mut status = status;
+        if let Some(hold) = self.hold_after {
+            let _ = events.send(SpoolCmd::Held(Held { status, cause, hold })).await;
+            if let Some(released) = hold_until_released(hold, &mut control).await {
+                status = Some(released);
+            }
+        }
+
+        // 6. Remove the directory, then report.
         let dir = self.dir;
         let cleanup_error = if dir.remove_if_empty() {
             None
@@ -642,7 +702,7 @@ impl Supervisor {
     async fn end_leftovers(
         &self,
         kill_at: Option<tokio::time::Instant>,
-        control: &mut mpsc::UnboundedReceiver<bool>,
+        control: &mut mpsc::UnboundedReceiver<Control>,
     ) -> bool {
         if !self.group_alive() {
             return false;
@@ -657,7 +717,7 @@ impl Supervisor {
                 _ = reaped.changed() => {}
                 // Processes re-parented to another reaper do not show up in `reaped`.
                 _ = sleep(Duration::from_millis(20)) => {}
-                Some(true) = control.recv() => kill_at = tokio::time::Instant::now(),
+                Some(Control::Cancel { force: true }) = control.recv() => kill_at = tokio::time::Instant::now(),
                 _ = sleep_until(kill_at), if !killed => {
                     self.signal_group(Signal::SIGKILL);
                     killed = true;
@@ -739,6 +799,24 @@ async fn read_stream(
         }
     }
     offset
+}
+
+/// Waits for a release, a cancel or the end of the hold; returns the status a release
+/// chose, if any.
+async fn hold_until_released(hold: Duration, control: &mut mpsc::UnboundedReceiver<Control>) -> Option<ChildStatus> {
+    let until = tokio::time::Instant::now() + hold;
+    tokio::select! {
+        msg = control.recv() => match msg {
+            Some(Control::Release(status)) => status,
+            Some(Control::Cancel { .. }) => None,
+            // Nobody can release it any more: the hold runs out.
+            None => {
+                sleep_until(until).await;
+                None
+            }
+        },
+        _ = sleep_until(until) => None,
+    }
 }
 
 async fn sleep_until_opt(at: Option<tokio::time::Instant>) {

@@ -8,6 +8,7 @@ use std::time::Duration;
 use crate::build::{self, Build, BuildSpec, Launch, StartError};
 use crate::reaper::Reaper;
 use crate::spool::{SpoolLimits, SpoolSet};
+use crate::statedir::BuildDir;
 use crate::statedir::{StateDir, StateDirError, SweepReport};
 
 /// Subdirectory of the instance dir holding the builds' output spools.
@@ -102,6 +103,13 @@ impl Executor {
 
     /// Starts a build in a fresh private directory.
     pub fn start(&self, spec: BuildSpec) -> Result<Build, StartError> {
+        self.prepare(spec)?.start()
+    }
+
+    /// Creates a build's private directory without starting its command, so that files
+    /// can be put into its work dir first ([`Prepared::work_dir`]); [`Prepared::start`]
+    /// starts it. A `Prepared` that is dropped instead removes its directory.
+    pub fn prepare(&self, spec: BuildSpec) -> Result<Prepared, StartError> {
         let inner = &*self.inner;
         let name = spec.name.as_deref().unwrap_or("build");
         // The dir is `<id>.<random>` when the id is known, so a person finds it by id.
@@ -117,19 +125,11 @@ impl Executor {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_else(|| name.to_owned()),
         };
-        build::spawn(
-            spec,
-            Launch {
-                reaper: &inner.reaper,
-                spools: &inner.spools,
-                dir,
-                id,
-                base_env: &inner.config.base_env,
-                fallback_shells: &inner.config.fallback_shells,
-                default_grace: inner.config.default_grace,
-                chunk_size: inner.config.chunk_size,
-            },
-        )
+        Ok(Prepared {
+            executor: self.clone(),
+            parts: Some((spec, dir)),
+            id,
+        })
     }
 
     /// The output spools of this executor's builds.
@@ -151,5 +151,72 @@ impl Executor {
     /// The reaper (for callers that must know when processes die).
     pub fn reaper(&self) -> &Reaper {
         &self.inner.reaper
+    }
+}
+
+/// A build whose directory exists and whose command has not started
+/// ([`Executor::prepare`]). Dropping it removes the directory.
+#[derive(Debug)]
+pub struct Prepared {
+    executor: Executor,
+    /// `None` once handed to the build or removed.
+    parts: Option<(BuildSpec, BuildDir)>,
+    id: String,
+}
+
+impl Prepared {
+    /// The build's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The private work dir the command will run in (or in `workdir` inside it).
+    pub fn work_dir(&self) -> &std::path::Path {
+        match &self.parts {
+            Some((_, dir)) => &dir.work,
+            None => std::path::Path::new(""),
+        }
+    }
+
+    /// Starts the command; on error the directory is removed.
+    pub fn start(mut self) -> Result<Build, StartError> {
+        let (spec, dir) = self
+            .parts
+            .take()
+            .ok_or_else(|| StartError::BuildDir("already removed".into()))?;
+        let inner = &*self.executor.inner;
+        build::spawn(
+            spec,
+            Launch {
+                reaper: &inner.reaper,
+                spools: &inner.spools,
+                dir,
+                id: self.id.clone(),
+                base_env: &inner.config.base_env,
+                fallback_shells: &inner.config.fallback_shells,
+                default_grace: inner.config.default_grace,
+                chunk_size: inner.config.chunk_size,
+            },
+        )
+    }
+
+    /// Removes the directory and whatever was put into it (a blocking call: run it off
+    /// the async runtime's threads when the tree may be large).
+    pub fn discard(mut self) {
+        self.remove_dir();
+    }
+
+    fn remove_dir(&mut self) {
+        if let Some((_, dir)) = self.parts.take() {
+            if let Err(e) = dir.remove() {
+                tracing::warn!(build = %self.id, error = %e, "cannot remove the directory of a build that never started");
+            }
+        }
+    }
+}
+
+impl Drop for Prepared {
+    fn drop(&mut self) {
+        self.remove_dir();
     }
 }

@@ -12,6 +12,8 @@
 pub mod build;
 pub mod cleanup;
 mod executor;
+pub mod fetch;
+pub mod gate;
 pub mod reaper;
 pub mod shell;
 pub mod spawn;
@@ -21,9 +23,10 @@ pub mod status;
 pub mod transfer;
 
 pub use build::{
-    enlarge_pipe, Build, BuildControl, BuildEvent, BuildSpec, BuildStdin, CommandSpec, OutputChunk, StartError, Stream,
+    enlarge_pipe, Build, BuildControl, BuildEvent, BuildSpec, BuildStdin, CommandSpec, Held, OutputChunk, StartError,
+    Stream,
 };
-pub use executor::{Executor, ExecutorConfig, ExecutorError};
+pub use executor::{Executor, ExecutorConfig, ExecutorError, Prepared};
 pub use reaper::ChildStatus;
 pub use spool::{GapReason, Spool, SpoolItem, SpoolLimits, SpoolReader, SpoolSet, SpoolWriter};
 pub use status::{BuildOutcome, EndCause};

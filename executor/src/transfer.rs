@@ -621,6 +621,25 @@ fn copy_exact(
 // pack
 // ---------------------------------------------------------------------------
 
+/// `path` as a relative path of normal components (`.` components dropped, so `.` and
+/// the empty path are the empty path), refused when absolute or holding `..`: the
+/// check for a client-given path inside a build's work dir, before any symlink in it
+/// is looked at.
+pub fn relative_inside(path: &Path) -> Result<PathBuf, String> {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            std::path::Component::Normal(n) => out.push(n),
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => return Err(format!("{} has a '..' component", path.display())),
+            std::path::Component::RootDir | std::path::Component::Prefix(_) => {
+                return Err(format!("{} is not a relative path", path.display()))
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Writes `src` (a file or a directory) as a tar stream into `out`.
 ///
 /// A file `src` becomes one entry named by its file name. A directory `src`
@@ -639,6 +658,13 @@ fn copy_exact(
 /// whole relative path (`target/**`, which also matches `target` itself). An
 /// excluded directory is skipped with its whole subtree.
 pub fn pack(src: &Path, excludes: &[String], out: impl Write) -> Result<PackReport, PackError> {
+    pack_as(src, None, excludes, out)
+}
+
+/// [`pack`], with the entries of a directory `src` under `name` (an entry for the
+/// directory itself first, then `name/a/b` for `src/a/b`), as `cp -r src dest/`
+/// would place them; a file `src` becomes one entry named `name`. `None` is [`pack`].
+pub fn pack_as(src: &Path, name: Option<&Path>, excludes: &[String], out: impl Write) -> Result<PackReport, PackError> {
     let io_err = |path: &Path| {
         let path = path.to_path_buf();
         move |source| PackError::Io { path, source }
@@ -649,14 +675,19 @@ pub fn pack(src: &Path, excludes: &[String], out: impl Write) -> Result<PackRepo
         builder: tar::Builder::new(out),
         excludes,
         report: PackReport::default(),
+        prefix: PathBuf::new(),
     };
     packer.builder.follow_symlinks(false);
     if meta.is_dir() {
+        if let Some(name) = name {
+            packer.one(src, name, &meta)?;
+            packer.prefix = name.to_path_buf();
+        }
         packer.tree(src)?;
     } else {
-        let name = src
-            .file_name()
-            .map(PathBuf::from)
+        let name = name
+            .map(Path::to_path_buf)
+            .or_else(|| src.file_name().map(PathBuf::from))
             .unwrap_or_else(|| PathBuf::from("file"));
         packer.one(src, &name, &meta)?;
     }
@@ -668,6 +699,8 @@ struct Packer<W: Write> {
     builder: tar::Builder<W>,
     excludes: GlobSet,
     report: PackReport,
+    /// Put in front of every entry name of [`Packer::tree`] (empty: none).
+    prefix: PathBuf,
 }
 
 impl<W: Write> Packer<W> {
@@ -692,7 +725,7 @@ impl<W: Write> Packer<W> {
                     path: path.clone(),
                     source,
                 })?;
-                self.one(&path, &rel_child, &meta)?;
+                self.one(&path, &self.prefix.join(&rel_child), &meta)?;
                 if meta.is_dir() {
                     subdirs.push(rel_child);
                 }
@@ -1256,6 +1289,31 @@ mod tests {
         assert_eq!(fs::symlink_metadata(dest.join("a/link")).unwrap().mtime(), 2_000_000);
         assert_eq!(fs::metadata(dest.join("a/b")).unwrap().mtime(), 3_000_000);
         assert_eq!(fs::read(dest.join("a").join(odd)).unwrap(), b"non-utf8");
+    }
+
+    #[test]
+    fn pack_as_names_the_tree_like_cp_into_a_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("reports");
+        fs::create_dir_all(src.join("unit/empty")).unwrap();
+        fs::write(src.join("unit/a.xml"), b"<a/>").unwrap();
+        fs::set_permissions(&src, fs::Permissions::from_mode(0o750)).unwrap();
+        set_mtime(&src, 5_000_000);
+        let mut tar_bytes = Vec::new();
+        let packed = pack_as(&src, Some(Path::new("reports")), &["*.tmp".into()], &mut tar_bytes).unwrap();
+        assert_eq!(packed.entries, 4, "the directory itself, unit, unit/empty, unit/a.xml");
+        let dest = tmp.path().join("dest");
+        fs::create_dir(&dest).unwrap();
+        unpack(&tar_bytes[..], &dest, UnpackLimits::default()).unwrap();
+        assert_eq!(snapshot(&dest.join("reports")), snapshot(&src));
+        let top = fs::metadata(dest.join("reports")).unwrap();
+        assert_eq!((top.mode() & 0o777, top.mtime()), (0o750, 5_000_000));
+
+        // A file is one entry under the given name.
+        let mut one = Vec::new();
+        pack_as(&src.join("unit/a.xml"), Some(Path::new("b.xml")), &[], &mut one).unwrap();
+        unpack(&one[..], &dest, UnpackLimits::default()).unwrap();
+        assert_eq!(fs::read(dest.join("b.xml")).unwrap(), b"<a/>");
     }
 
     #[test]

@@ -36,6 +36,7 @@ fn script(s: &str) -> BuildSpec {
         timeout: None,
         grace: None,
         stdin: false,
+        hold_after: None,
     }
 }
 
@@ -73,6 +74,7 @@ async fn finish(mut build: Build) -> Finished {
                 buf.extend_from_slice(&c.data);
                 events.push((c.stream, c.data));
             }
+            BuildEvent::Held(h) => panic!("a build without hold_after was held: {h:?}"),
             BuildEvent::Finished(outcome) => {
                 assert!(build.events.recv().await.is_none(), "Finished is the last event");
                 assert_spooled(&build, &events, &outcome);
@@ -461,4 +463,89 @@ async fn orphans_are_reaped_and_do_not_confuse_statuses() {
     )
     .await;
     assert_eq!(f.outcome.status, Some(ChildStatus::Exited(7)));
+}
+
+/// Reads events up to `Held`, returning the output before it.
+async fn until_held(build: &mut Build) -> (Vec<u8>, tether_executor::Held) {
+    let mut out = Vec::new();
+    while let Some(ev) = build.events.recv().await {
+        match ev {
+            BuildEvent::Output(c) => out.extend_from_slice(&c.data),
+            BuildEvent::Held(h) => return (out, h),
+            BuildEvent::Finished(o) => panic!("finished without a hold: {o:?}"),
+        }
+    }
+    panic!("event stream ended before Held");
+}
+
+async fn outcome_after_hold(build: &mut Build) -> BuildOutcome {
+    match build.events.recv().await {
+        Some(BuildEvent::Finished(o)) => o,
+        other => panic!("expected Finished after Held, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_held_build_keeps_its_directory_until_released_with_a_new_status() {
+    let t = tempfile::tempdir().unwrap();
+    let ex = executor(t.path());
+    let mut spec = script("echo made > out.txt; echo done; exit 3");
+    spec.hold_after = Some(Duration::from_secs(600));
+    let mut build = ex.start(spec).unwrap();
+    let work = build.work_root.clone();
+    let (out, held) = until_held(&mut build).await;
+    assert_eq!(out, b"done\n", "all output comes before Held");
+    assert_eq!(held.status, Some(ChildStatus::Exited(3)));
+    assert_eq!(held.cause, EndCause::Completed);
+    assert_eq!(std::fs::read(work.join("out.txt")).unwrap(), b"made\n");
+    build.control.release(Some(ChildStatus::Exited(0)));
+    let outcome = outcome_after_hold(&mut build).await;
+    assert_eq!(outcome.status, Some(ChildStatus::Exited(0)));
+    assert!(!work.exists(), "released: the directory is removed");
+    assert!(build_dirs(&ex).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hold_ends_with_the_original_status_on_cancel_and_when_it_runs_out() {
+    let t = tempfile::tempdir().unwrap();
+    let ex = executor(t.path());
+    let mut spec = script("exit 5");
+    spec.hold_after = Some(Duration::from_secs(600));
+    let mut build = ex.start(spec).unwrap();
+    until_held(&mut build).await;
+    build.control.cancel(false);
+    assert_eq!(
+        outcome_after_hold(&mut build).await.status,
+        Some(ChildStatus::Exited(5))
+    );
+
+    let mut spec = script("exit 6");
+    spec.hold_after = Some(Duration::from_millis(50));
+    let mut build = ex.start(spec).unwrap();
+    let work = build.work_root.clone();
+    until_held(&mut build).await;
+    // Nobody releases it: the hold runs out on its own.
+    let outcome = outcome_after_hold(&mut build).await;
+    assert_eq!(outcome.status, Some(ChildStatus::Exited(6)));
+    assert!(!work.exists());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_prepared_build_runs_with_what_was_put_into_its_work_dir() {
+    let t = tempfile::tempdir().unwrap();
+    let ex = executor(t.path());
+    let prepared = ex.prepare(script("cat input.txt")).unwrap();
+    std::fs::write(prepared.work_dir().join("input.txt"), b"uploaded\n").unwrap();
+    let f = finish(prepared.start().unwrap()).await;
+    assert_eq!(f.stdout, b"uploaded\n");
+    assert!(build_dirs(&ex).is_empty());
+
+    // One that is dropped (or discarded) without starting leaves nothing behind.
+    let prepared = ex.prepare(script("true")).unwrap();
+    std::fs::create_dir_all(prepared.work_dir().join("a/b")).unwrap();
+    assert_eq!(build_dirs(&ex).len(), 1);
+    drop(prepared);
+    let prepared = ex.prepare(script("true")).unwrap();
+    prepared.discard();
+    assert!(build_dirs(&ex).is_empty());
 }

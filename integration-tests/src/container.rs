@@ -569,7 +569,7 @@ impl Session {
     pub fn start_build(&mut self, req: u64, spec: RunSpec) -> Started {
         self.send(&ClientMessage::Run {
             req,
-            spec,
+            spec: Box::new(spec),
             follow: true,
         });
         self.wait_message(|m| match m {

@@ -7,6 +7,8 @@
 //! polling is used only for process and file states that have no event to wait on.
 
 pub mod container;
+pub mod http;
+pub mod registry;
 use std::ffi::OsStr;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};

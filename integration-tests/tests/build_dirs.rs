@@ -172,7 +172,7 @@ fn one_daemon_gives_concurrent_builds_different_dirs_and_removes_each_at_its_end
         }];
         d.send(&ClientMessage::Run {
             req,
-            spec,
+            spec: Box::new(spec),
             follow: true,
         });
     }

@@ -433,7 +433,7 @@ impl PlainDaemon {
     fn start_build(&mut self, req: u64, script: &str) -> BuildId {
         self.serve.send(&ClientMessage::Run {
             req,
-            spec: script_spec(script),
+            spec: Box::new(script_spec(script)),
             follow: true,
         });
         loop {

@@ -762,7 +762,7 @@ fn a_silent_client_loses_its_session_not_its_build() {
     stream
         .write_all(&frame(&ClientMessage::Run {
             req: 1,
-            spec,
+            spec: Box::new(spec),
             follow: true,
         }))
         .unwrap();

@@ -338,7 +338,7 @@ fn a_flooding_build_does_not_delay_pings_or_a_quiet_build() {
     };
     c.send(&ClientMessage::Run {
         req: 1,
-        spec: with_id("exec cat /dev/zero", &flood),
+        spec: Box::new(with_id("exec cat /dev/zero", &flood)),
         follow: true,
     });
     c.wait_for(TIMEOUT, |s| {
@@ -354,7 +354,7 @@ fn a_flooding_build_does_not_delay_pings_or_a_quiet_build() {
     let quiet_script = format!("i=0; while [ $i -lt {LINES} ]; do date +%s%N; sleep 0.05; i=$((i+1)); done");
     c.send(&ClientMessage::Run {
         req: 2,
-        spec: with_id(&quiet_script, &quiet),
+        spec: Box::new(with_id(&quiet_script, &quiet)),
         follow: true,
     });
 
@@ -506,10 +506,10 @@ fn takeover_ends_the_old_sessions_subscriptions_not_its_builds() {
     let lines: String = (1..=20).map(|i| format!("line {i}\n")).collect();
     d.send(&ClientMessage::Run {
         req: 1,
-        spec: RunSpec {
+        spec: Box::new(RunSpec {
             id: Some(ticker.0.clone()),
             ..script_spec("i=1; while [ $i -le 20 ]; do echo line $i; sleep 0.1; i=$((i+1)); done; exit 4")
-        },
+        }),
         follow: true,
     });
     d.wait_message(|m| match m {

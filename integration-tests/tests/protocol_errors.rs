@@ -144,7 +144,7 @@ fn requests_before_hello_get_no_session() {
     encode_frame(
         &ClientMessage::Run {
             req: 1,
-            spec: script_spec("echo should-not-run"),
+            spec: Box::new(script_spec("echo should-not-run")),
             follow: true,
         },
         &mut bytes,
@@ -201,10 +201,10 @@ fn unknown_builds_and_bad_requests_are_answered_with_their_kinds() {
     assert_eq!(e.kind, ErrorKind::UnknownBuild, "{e:?}");
     d.send(&ClientMessage::Run {
         req: 6,
-        spec: tether_protocol::RunSpec {
+        spec: Box::new(tether_protocol::RunSpec {
             command: tether_protocol::CommandSpec::Argv(Vec::new()),
             ..script_spec("")
-        },
+        }),
         follow: true,
     });
     let e = expect_error(&mut d);

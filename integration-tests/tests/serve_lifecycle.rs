@@ -79,7 +79,7 @@ fn sigterm_cancels_running_builds_reports_them_and_cleans_up() {
     d.hello();
     d.send(&ClientMessage::Run {
         req: 7,
-        spec: script_spec("echo ready; sleep 1000"),
+        spec: Box::new(script_spec("echo ready; sleep 1000")),
         follow: true,
     });
     let (build, pid) = d.wait_message(|m| match m {
@@ -139,7 +139,7 @@ fn eof_with_exit_on_eof_cancels_running_builds() {
     d.hello();
     d.send(&ClientMessage::Run {
         req: 1,
-        spec: script_spec(r#"trap "" TERM; echo ready; sleep 1000"#),
+        spec: Box::new(script_spec(r#"trap "" TERM; echo ready; sleep 1000"#)),
         follow: true,
     });
     let pid = d.wait_message(|m| match m {
@@ -200,7 +200,7 @@ fn a_running_daemons_instance_is_not_swept_by_another() {
     // The first daemon still runs builds.
     a.send(&ClientMessage::Run {
         req: 1,
-        spec: script_spec("exit 5"),
+        spec: Box::new(script_spec("exit 5")),
         follow: true,
     });
     let exited = a.wait_message(|m| match m {

@@ -48,7 +48,7 @@ fn frames_survive_a_terminal_on_stdin_and_the_terminal_is_restored() {
     bytes.extend(frame(&hello_message()));
     bytes.extend(frame(&ClientMessage::Run {
         req: 1,
-        spec,
+        spec: Box::new(spec),
         follow: true,
     }));
     master.write_all(&bytes).unwrap();

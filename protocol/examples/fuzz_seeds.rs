@@ -8,8 +8,8 @@ use std::path::PathBuf;
 
 use tether_protocol::{
     encode_frame, BuildId, BuildState, BuildSummary, Bytes, ClientMessage, CommandSpec, DaemonMessage, EndCause,
-    ExitStatus, Exited, GapReason, Hello, Limits, OutputStream, RunSpec, Started, Welcome, FRAME_HEADER_LEN, PREAMBLE,
-    PROTOCOL_VERSION,
+    ExitStatus, Exited, GapReason, Hello, Limits, OutputStream, RunSpec, Started, Welcome, DEFAULT_UPLOAD_WINDOW,
+    FRAME_HEADER_LEN, PREAMBLE, PROTOCOL_VERSION,
 };
 
 fn client_messages() -> Vec<ClientMessage> {
@@ -25,7 +25,7 @@ fn client_messages() -> Vec<ClientMessage> {
         ClientMessage::Ping { nonce: 7 },
         ClientMessage::Run {
             req: 1,
-            spec,
+            spec: Box::new(spec),
             follow: true,
         },
         ClientMessage::Stdin {
@@ -70,6 +70,7 @@ fn daemon_messages() -> Vec<DaemonMessage> {
                 max_chunk: 65_536,
                 stdin_window: 262_144,
                 heartbeat_ms: 10_000,
+                upload_window: DEFAULT_UPLOAD_WINDOW,
             },
             builds: vec![summary.clone()],
         }),

@@ -42,7 +42,7 @@ fn main() {
     show(
         "Hello",
         &ClientMessage::Hello(Hello {
-            protocol: 2,
+            protocol: 3,
             client_version: "0.1.0".into(),
             capabilities: vec![],
         }),
@@ -51,7 +51,7 @@ fn main() {
         "Run",
         &ClientMessage::Run {
             req: 1,
-            spec: RunSpec {
+            spec: Box::new(RunSpec {
                 command: CommandSpec::Argv(vec![b"echo".to_vec().into(), b"hi".to_vec().into()]),
                 env: vec![],
                 workdir: None,
@@ -60,7 +60,12 @@ fn main() {
                 stdin: false,
                 name: None,
                 id: None,
-            },
+                uploads: vec![],
+                fetches: vec![],
+                wait_for: vec![],
+                wait_timeout_ms: None,
+                hold_after_ms: None,
+            }),
             follow: true,
         },
     );

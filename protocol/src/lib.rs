@@ -34,7 +34,7 @@ pub use message::*;
 pub const PREAMBLE: &[u8] = b"<===[TETHER]===>\n";
 
 /// The protocol version this crate speaks. Bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest payload a frame may carry. A header that claims more is corrupt; no reader
 /// ever allocates more than this (plus the header) for one frame.
@@ -51,6 +51,9 @@ pub const SYNC_PAD_LEN: usize = MAX_PAYLOAD + FRAME_HEADER_LEN;
 
 /// Default number of stdin bytes a client may have sent and not yet seen acknowledged.
 pub const DEFAULT_STDIN_WINDOW: u32 = 256 * 1024;
+
+/// Default number of upload bytes a client may have sent and not yet seen acknowledged.
+pub const DEFAULT_UPLOAD_WINDOW: u32 = 8 * 1024 * 1024;
 
 /// Longest build id a client may choose ([`RunSpec::id`]).
 pub const MAX_BUILD_ID_LEN: usize = 64;

@@ -41,7 +41,8 @@ pub enum ClientMessage {
     /// `follow` false the session is not sent the build's output or exit (`run --detach`).
     Run {
         req: RequestId,
-        spec: RunSpec,
+        /// Boxed: a spec is far larger than every other message (the wire is the same).
+        spec: Box<RunSpec>,
         follow: bool,
     },
     /// Tag 4. Bytes for a build's stdin (only for builds started with `stdin: true`).
@@ -75,7 +76,39 @@ pub enum ClientMessage {
         from: u64,
         follow: bool,
     },
+    /// Tag 10. A piece of upload `index` of the `Run` request `req` (a tar stream, see
+    /// [`UploadSpec`]). At most [`crate::MAX_CHUNK`] bytes; the client keeps at most
+    /// [`Limits::upload_window`] bytes of a run's uploads unacknowledged
+    /// ([`DaemonMessage::UploadAck`]).
+    Upload { req: RequestId, index: u32, data: Bytes },
+    /// Tag 11. Upload `index` of run `req` is complete: `bytes` bytes were sent in all,
+    /// whose SHA-256 is `sha256`. The daemon compares both with what it received.
+    UploadEnd {
+        req: RequestId,
+        index: u32,
+        bytes: u64,
+        sha256: Digest,
+    },
+    /// Tag 12. Send `path` (relative to the build's work dir) of a running or held build
+    /// as a tar stream: answered by [`DaemonMessage::DownloadData`] pieces and one
+    /// [`DaemonMessage::DownloadEnd`], or an error.
+    Download {
+        req: RequestId,
+        build: BuildId,
+        path: Bytes,
+    },
+    /// Tag 13. End a build's hold ([`DaemonMessage::Held`]): its directory is removed and
+    /// it finishes with `status`, or the status it held with when `None`. Answered by
+    /// [`DaemonMessage::Ack`].
+    Release {
+        req: RequestId,
+        build: BuildId,
+        status: Option<ExitStatus>,
+    },
 }
+
+/// A SHA-256 digest.
+pub type Digest = [u8; 32];
 
 /// Daemon to client.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,6 +159,27 @@ pub enum DaemonMessage {
         build: BuildId,
         position: u64,
     },
+    /// Tag 13. The daemon consumed `consumed` bytes of run `req`'s uploads in total (all
+    /// indexes together); the client may send up to [`Limits::upload_window`] beyond.
+    UploadAck { req: RequestId, consumed: u64 },
+    /// Tag 14. The build's command ended with `status`, and its directory is kept (the
+    /// run asked for [`RunSpec::hold_after_ms`]) until a [`ClientMessage::Release`] or
+    /// `until_ms` (milliseconds since the Unix epoch). Its processes are gone and its
+    /// output is complete; [`DaemonMessage::Exited`] follows the release.
+    Held {
+        build: BuildId,
+        status: ExitStatus,
+        cause: EndCause,
+        until_ms: u64,
+    },
+    /// Tag 15. A piece of the tar stream answering [`ClientMessage::Download`] `req`.
+    DownloadData { req: RequestId, data: Bytes },
+    /// Tag 16. The download `req` is complete: `bytes` bytes with SHA-256 `sha256`.
+    DownloadEnd { req: RequestId, bytes: u64, sha256: Digest },
+    /// Tag 17. Run `req` was accepted as `build`, whose command starts once its
+    /// preparation (readiness gates, fetches, uploads) is done; [`DaemonMessage::Started`]
+    /// or an error follows.
+    Preparing { req: RequestId, build: BuildId },
 }
 
 /// Why output is missing ([`DaemonMessage::Gap`]).
@@ -172,6 +226,8 @@ pub struct Limits {
     /// The heartbeat interval in milliseconds: each side sends a `Ping` at least this
     /// often, and may treat a peer that sent nothing for several intervals as gone.
     pub heartbeat_ms: u32,
+    /// Upload bytes a client may send ahead of [`DaemonMessage::UploadAck`].
+    pub upload_window: u32,
 }
 
 /// One build, as `Welcome::builds` and [`DaemonMessage::Builds`] list it.
@@ -200,6 +256,15 @@ pub enum BuildState {
         finished_at_ms: u64,
         expires_at_ms: u64,
     },
+    /// Accepted; waiting for readiness gates, fetches or uploads before its command starts.
+    Preparing,
+    /// The command ended with `status`; the directory is kept until a release or
+    /// `until_ms` ([`DaemonMessage::Held`]).
+    Held {
+        status: ExitStatus,
+        cause: EndCause,
+        until_ms: u64,
+    },
 }
 
 /// What to run and how.
@@ -224,6 +289,38 @@ pub struct RunSpec {
     /// 64 bytes of `A-Z a-z 0-9 . _ -`, not starting with `.` or `-`. `None`: the daemon
     /// picks one.
     pub id: Option<String>,
+    /// Tar streams the client sends (as [`ClientMessage::Upload`]) before the command
+    /// starts, one per entry, in order.
+    pub uploads: Vec<UploadSpec>,
+    /// URLs the daemon downloads into the work dir before the command starts.
+    pub fetches: Vec<FetchSpec>,
+    /// Readiness gates (`http://`, `https://` answering 2xx, or `tcp://host:port`
+    /// accepting) that must open before the command starts, on top of the daemon's own.
+    pub wait_for: Vec<String>,
+    /// How long to wait for the gates (the run's and the daemon's); `None` for the
+    /// daemon's default.
+    pub wait_timeout_ms: Option<u64>,
+    /// Keep the build's directory after its command ends, for at most this many
+    /// milliseconds, until a [`ClientMessage::Release`] (for downloads).
+    pub hold_after_ms: Option<u64>,
+}
+
+/// One upload of a [`RunSpec`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadSpec {
+    /// Directory inside the work dir that receives the archive's entries (created; `.`
+    /// or empty: the work dir). Relative, no `..`.
+    pub dest: Bytes,
+}
+
+/// One URL of a [`RunSpec`] to download before the command starts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchSpec {
+    pub url: String,
+    /// Checked against the SHA-256 of the downloaded bytes when given.
+    pub sha256: Option<Digest>,
+    /// Where it lands, relative to the work dir (see `tether run --fetch`).
+    pub dest: Bytes,
 }
 
 impl RunSpec {
@@ -239,7 +336,17 @@ impl RunSpec {
             stdin: false,
             name: None,
             id: None,
+            uploads: Vec::new(),
+            fetches: Vec::new(),
+            wait_for: Vec::new(),
+            wait_timeout_ms: None,
+            hold_after_ms: None,
         }
+    }
+
+    /// Whether the command waits for gates, fetches or uploads before it starts.
+    pub fn prepares(&self) -> bool {
+        !self.uploads.is_empty() || !self.fetches.is_empty() || !self.wait_for.is_empty()
     }
 }
 
@@ -356,4 +463,11 @@ pub enum ErrorKind {
     NoSession,
     /// The peer may not use this daemon (socket peer credentials not allowed).
     PermissionDenied,
+    /// An upload, download or fetch failed or was refused (a digest mismatch, a hostile
+    /// archive, a missing path, an HTTP error); the message names what.
+    Transfer,
+    /// A readiness gate did not open in time; the message names the URL.
+    NotReady,
+    /// The build was cancelled before its command started.
+    Cancelled,
 }

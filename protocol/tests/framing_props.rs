@@ -76,9 +76,10 @@ fn run_spec() -> impl Strategy<Value = RunSpec> {
         any::<bool>(),
         proptest::option::of(text()),
         proptest::option::of(text()),
+        prepare(),
     )
         .prop_map(
-            |(command, env, workdir, timeout_ms, grace_ms, stdin, name, id)| RunSpec {
+            |(command, env, workdir, timeout_ms, grace_ms, stdin, name, id, prepare)| RunSpec {
                 command,
                 env,
                 workdir,
@@ -87,8 +88,32 @@ fn run_spec() -> impl Strategy<Value = RunSpec> {
                 stdin,
                 name,
                 id,
+                uploads: prepare.0,
+                fetches: prepare.1,
+                wait_for: prepare.2,
+                wait_timeout_ms: prepare.3,
+                hold_after_ms: prepare.4,
             },
         )
+}
+
+type Prepare = (Vec<UploadSpec>, Vec<FetchSpec>, Vec<String>, Option<u64>, Option<u64>);
+
+fn prepare() -> impl Strategy<Value = Prepare> {
+    (
+        vec(bytes().prop_map(|dest| UploadSpec { dest }), 0..3),
+        vec(
+            (text(), proptest::option::of(any::<[u8; 32]>()), bytes()).prop_map(|(url, sha256, dest)| FetchSpec {
+                url,
+                sha256,
+                dest,
+            }),
+            0..3,
+        ),
+        vec(text(), 0..3),
+        proptest::option::of(int()),
+        proptest::option::of(int()),
+    )
 }
 
 /// Messages are generated freely; several large fields together can exceed a frame,
@@ -108,7 +133,11 @@ fn client_message() -> impl Strategy<Value = ClientMessage> {
         }),
         int().prop_map(|nonce| ClientMessage::Ping { nonce }),
         int().prop_map(|nonce| ClientMessage::Pong { nonce }),
-        (int(), run_spec(), any::<bool>()).prop_map(|(req, spec, follow)| ClientMessage::Run { req, spec, follow }),
+        (int(), run_spec(), any::<bool>()).prop_map(|(req, spec, follow)| ClientMessage::Run {
+            req,
+            spec: Box::new(spec),
+            follow
+        }),
         (int(), any::<bool>()).prop_map(|(req, all)| ClientMessage::List { req, all }),
         (int(), build_id(), int(), any::<bool>()).prop_map(|(req, build, from, follow)| ClientMessage::Attach {
             req,
@@ -119,6 +148,16 @@ fn client_message() -> impl Strategy<Value = ClientMessage> {
         (build_id(), bytes()).prop_map(|(build, data)| ClientMessage::Stdin { build, data }),
         build_id().prop_map(|build| ClientMessage::CloseStdin { build }),
         (int(), build_id(), any::<bool>()).prop_map(|(req, build, force)| ClientMessage::Cancel { req, build, force }),
+        (int(), int32(), bytes()).prop_map(|(req, index, data)| ClientMessage::Upload { req, index, data }),
+        (int(), int32(), int(), any::<[u8; 32]>()).prop_map(|(req, index, bytes, sha256)| ClientMessage::UploadEnd {
+            req,
+            index,
+            bytes,
+            sha256
+        }),
+        (int(), build_id(), bytes()).prop_map(|(req, build, path)| ClientMessage::Download { req, build, path }),
+        (int(), build_id(), proptest::option::of(exit_status()))
+            .prop_map(|(req, build, status)| { ClientMessage::Release { req, build, status } }),
         (build_id(), any::<bool>()).prop_map(|(build, err)| ClientMessage::CloseOutput {
             build,
             stream: if err {
@@ -142,6 +181,9 @@ fn error_kind() -> impl Strategy<Value = ErrorKind> {
         Just(ErrorKind::Internal),
         Just(ErrorKind::NoSession),
         Just(ErrorKind::PermissionDenied),
+        Just(ErrorKind::Transfer),
+        Just(ErrorKind::NotReady),
+        Just(ErrorKind::Cancelled),
     ]
 }
 
@@ -154,16 +196,24 @@ fn exit_status() -> impl Strategy<Value = ExitStatus> {
 }
 
 fn daemon_message() -> impl Strategy<Value = DaemonMessage> {
-    let limits =
-        (int32(), int32(), int32(), int32()).prop_map(|(max_payload, max_chunk, stdin_window, heartbeat_ms)| Limits {
+    let limits = (int32(), int32(), int32(), int32(), int32()).prop_map(
+        |(max_payload, max_chunk, stdin_window, heartbeat_ms, upload_window)| Limits {
             max_payload,
             max_chunk,
             stdin_window,
             heartbeat_ms,
-        });
+            upload_window,
+        },
+    );
     let state = || {
         prop_oneof![
             Just(BuildState::Running),
+            Just(BuildState::Preparing),
+            (exit_status(), int()).prop_map(|(status, until_ms)| BuildState::Held {
+                status,
+                cause: EndCause::TimedOut,
+                until_ms
+            }),
             (exit_status(), int(), int(), int()).prop_map(|(status, duration_ms, finished_at_ms, expires_at_ms)| {
                 BuildState::Finished {
                     status,
@@ -270,6 +320,20 @@ fn daemon_message() -> impl Strategy<Value = DaemonMessage> {
             }),
         (build_id(), int()).prop_map(|(build, consumed)| DaemonMessage::StdinAck { build, consumed }),
         int().prop_map(|req| DaemonMessage::Ack { req }),
+        (int(), int()).prop_map(|(req, consumed)| DaemonMessage::UploadAck { req, consumed }),
+        (build_id(), exit_status(), int()).prop_map(|(build, status, until_ms)| DaemonMessage::Held {
+            build,
+            status,
+            cause: EndCause::Completed,
+            until_ms
+        }),
+        (int(), bytes()).prop_map(|(req, data)| DaemonMessage::DownloadData { req, data }),
+        (int(), int(), any::<[u8; 32]>()).prop_map(|(req, bytes, sha256)| DaemonMessage::DownloadEnd {
+            req,
+            bytes,
+            sha256
+        }),
+        (int(), build_id()).prop_map(|(req, build)| DaemonMessage::Preparing { req, build }),
     ]
     .prop_filter("fits in a frame", fits)
 }

@@ -27,6 +27,10 @@ fn client_tag(m: &ClientMessage) -> u8 {
         ClientMessage::CloseOutput { .. } => 7,
         ClientMessage::List { .. } => 8,
         ClientMessage::Attach { .. } => 9,
+        ClientMessage::Upload { .. } => 10,
+        ClientMessage::UploadEnd { .. } => 11,
+        ClientMessage::Download { .. } => 12,
+        ClientMessage::Release { .. } => 13,
     }
 }
 
@@ -46,11 +50,16 @@ fn daemon_tag(m: &DaemonMessage) -> u8 {
         DaemonMessage::Attached { .. } => 10,
         DaemonMessage::Gap { .. } => 11,
         DaemonMessage::LogEnd { .. } => 12,
+        DaemonMessage::UploadAck { .. } => 13,
+        DaemonMessage::Held { .. } => 14,
+        DaemonMessage::DownloadData { .. } => 15,
+        DaemonMessage::DownloadEnd { .. } => 16,
+        DaemonMessage::Preparing { .. } => 17,
     }
 }
 
-const CLIENT_TAGS: u8 = 10;
-const DAEMON_TAGS: u8 = 13;
+const CLIENT_TAGS: u8 = 14;
+const DAEMON_TAGS: u8 = 18;
 
 fn all_error_kinds() -> Vec<ErrorKind> {
     use ErrorKind::*;
@@ -64,12 +73,15 @@ fn all_error_kinds() -> Vec<ErrorKind> {
         Internal,
         NoSession,
         PermissionDenied,
+        Transfer,
+        NotReady,
+        Cancelled,
     ];
     // Exhaustive: a new kind must be added to the list above.
     for k in &kinds {
         match k {
             VersionMismatch | Protocol | BadRequest | UnknownBuild | CommandNotFound | NotExecutable | Internal
-            | NoSession | PermissionDenied => {}
+            | NoSession | PermissionDenied | Transfer | NotReady | Cancelled => {}
         }
     }
     kinds
@@ -85,6 +97,11 @@ fn run_spec(command: CommandSpec) -> RunSpec {
         stdin: false,
         name: None,
         id: None,
+        uploads: vec![],
+        fetches: vec![],
+        wait_for: vec![],
+        wait_timeout_ms: None,
+        hold_after_ms: None,
     }
 }
 
@@ -105,12 +122,12 @@ fn client_messages() -> Vec<ClientMessage> {
         ClientMessage::Pong { nonce: 251 },
         ClientMessage::Run {
             req: 1,
-            spec: run_spec(CommandSpec::Argv(vec![b(b"echo"), b(b"hi")])),
+            spec: Box::new(run_spec(CommandSpec::Argv(vec![b(b"echo"), b(b"hi")]))),
             follow: true,
         },
         ClientMessage::Run {
             req: 1 << 40,
-            spec: RunSpec {
+            spec: Box::new(RunSpec {
                 command: CommandSpec::Argv(vec![b(b"\xff\xfe not utf-8"), b(b"")]),
                 env: vec![
                     EnvVar {
@@ -128,23 +145,39 @@ fn client_messages() -> Vec<ClientMessage> {
                 stdin: true,
                 name: Some("unit tests".into()),
                 id: Some("unit-tests.42".into()),
-            },
+                uploads: vec![UploadSpec { dest: b(b".") }, UploadSpec { dest: b(b"src/\xff") }],
+                fetches: vec![
+                    FetchSpec {
+                        url: "https://example.com/ctx.tar.gz".into(),
+                        sha256: Some([0xAB; 32]),
+                        dest: b(b"ctx"),
+                    },
+                    FetchSpec {
+                        url: "http://127.0.0.1:8080/file".into(),
+                        sha256: None,
+                        dest: b(b""),
+                    },
+                ],
+                wait_for: vec!["http://localhost:5000/v2/".into(), "tcp://db:5432".into()],
+                wait_timeout_ms: Some(120_000),
+                hold_after_ms: Some(600_000),
+            }),
             follow: false,
         },
         ClientMessage::Run {
             req: 2,
-            spec: run_spec(CommandSpec::Script {
+            spec: Box::new(run_spec(CommandSpec::Script {
                 script: b(b"set -e\nmake -j8 test\n"),
                 shell: None,
-            }),
+            })),
             follow: true,
         },
         ClientMessage::Run {
             req: 3,
-            spec: run_spec(CommandSpec::Script {
+            spec: Box::new(run_spec(CommandSpec::Script {
                 script: b(b""),
                 shell: Some(b(b"/bin/bash")),
-            }),
+            })),
             follow: false,
         },
         ClientMessage::Stdin {
@@ -184,6 +217,37 @@ fn client_messages() -> Vec<ClientMessage> {
             from: u64::MAX,
             follow: false,
         },
+        ClientMessage::Upload {
+            req: 1,
+            index: 0,
+            data: Bytes::from(vec![0; MAX_CHUNK]),
+        },
+        ClientMessage::Upload {
+            req: 1,
+            index: u32::MAX,
+            data: b(b""),
+        },
+        ClientMessage::UploadEnd {
+            req: 1,
+            index: 1,
+            bytes: 10_240,
+            sha256: [7; 32],
+        },
+        ClientMessage::Download {
+            req: 15,
+            build: build("b-1"),
+            path: b(b"out/\x80report.xml"),
+        },
+        ClientMessage::Release {
+            req: 16,
+            build: build("b-1"),
+            status: None,
+        },
+        ClientMessage::Release {
+            req: 17,
+            build: build("b-1"),
+            status: Some(ExitStatus::Code(0)),
+        },
     ]
 }
 
@@ -198,6 +262,7 @@ fn daemon_messages() -> Vec<DaemonMessage> {
                 max_chunk: MAX_CHUNK as u32,
                 stdin_window: DEFAULT_STDIN_WINDOW,
                 heartbeat_ms: 10_000,
+                upload_window: DEFAULT_UPLOAD_WINDOW,
             },
             builds: vec![],
         }),
@@ -210,6 +275,7 @@ fn daemon_messages() -> Vec<DaemonMessage> {
                 max_chunk: u32::MAX,
                 stdin_window: 1,
                 heartbeat_ms: u32::MAX,
+                upload_window: 0,
             },
             builds: vec![
                 BuildSummary {
@@ -317,6 +383,54 @@ fn daemon_messages() -> Vec<DaemonMessage> {
             req: 7,
             build: build("b-1"),
             position: 1 << 33,
+        },
+        DaemonMessage::UploadAck {
+            req: 1,
+            consumed: 1 << 30,
+        },
+        DaemonMessage::Held {
+            build: build("b-1"),
+            status: ExitStatus::Code(2),
+            cause: EndCause::TimedOut,
+            until_ms: 1_700_000_600_000,
+        },
+        DaemonMessage::DownloadData {
+            req: 15,
+            data: Bytes::from(vec![0x55; MAX_CHUNK]),
+        },
+        DaemonMessage::DownloadEnd {
+            req: 15,
+            bytes: 0,
+            sha256: [0xE3; 32],
+        },
+        DaemonMessage::Preparing {
+            req: 1,
+            build: build("b-3"),
+        },
+        DaemonMessage::Builds {
+            req: 3,
+            builds: vec![
+                BuildSummary {
+                    build: build("p"),
+                    command: "kaniko".into(),
+                    pid: 0,
+                    started_at_ms: 5,
+                    output_end: 0,
+                    state: BuildState::Preparing,
+                },
+                BuildSummary {
+                    build: build("h"),
+                    command: "make".into(),
+                    pid: 3,
+                    started_at_ms: 5,
+                    output_end: 9,
+                    state: BuildState::Held {
+                        status: ExitStatus::Code(1),
+                        cause: EndCause::Completed,
+                        until_ms: 77,
+                    },
+                },
+            ],
         },
     ];
     let statuses = [
@@ -428,7 +542,7 @@ fn payload<T: Serialize>(msg: &T) -> Vec<u8> {
 fn example_frames_of_protocol_md() {
     // The two frames dumped in PROTOCOL.md, "Example": keep them in sync.
     let hello = ClientMessage::Hello(Hello {
-        protocol: 2,
+        protocol: 3,
         client_version: "0.1.0".into(),
         capabilities: vec![],
     });
@@ -437,13 +551,13 @@ fn example_frames_of_protocol_md() {
     assert_eq!(
         f,
         [
-            0xf4, 0x54, 0x48, 0x52, 0x09, 0x00, 0x00, 0x00, 0xf9, 0x67, 0xd0, 0x80, 0x00, 0x02, 0x05, b'0', b'.', b'1',
+            0xf4, 0x54, 0x48, 0x52, 0x09, 0x00, 0x00, 0x00, 0xde, 0x1a, 0xec, 0xc9, 0x00, 0x03, 0x05, b'0', b'.', b'1',
             b'.', b'0', 0x00
         ]
     );
     let run = ClientMessage::Run {
         req: 1,
-        spec: run_spec(CommandSpec::Argv(vec![b(b"echo"), b(b"hi")])),
+        spec: Box::new(run_spec(CommandSpec::Argv(vec![b(b"echo"), b(b"hi")]))),
         follow: true,
     };
     let mut f = Vec::new();
@@ -451,15 +565,16 @@ fn example_frames_of_protocol_md() {
     assert_eq!(
         f,
         [
-            0xf4, 0x54, 0x48, 0x52, 0x14, 0x00, 0x00, 0x00, 0xee, 0x88, 0xe9, 0x79, 0x03, 0x01, 0x00, 0x02, 0x04, b'e',
-            b'c', b'h', b'o', 0x02, b'h', b'i', 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x01
+            0xf4, 0x54, 0x48, 0x52, 0x19, 0x00, 0x00, 0x00, 0x0a, 0x1e, 0xb4, 0x6b, 0x03, 0x01, 0x00, 0x02, 0x04, b'e',
+            b'c', b'h', b'o', 0x02, b'h', b'i', 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+            0x01
         ]
     );
     // CRC32C check value of the standard algorithm, and the CRC of the Run frame.
     assert_eq!(tether_protocol::frame::frame_crc(b"1234", b"56789"), 0xE306_9283);
     assert_eq!(
         tether_protocol::frame::frame_crc(&f[..8], &f[FRAME_HEADER_LEN..]),
-        0x79e9_88ee
+        0x6bb4_1e0a
     );
 }
 
@@ -473,7 +588,8 @@ fn preamble_and_constants() {
     assert_eq!(MAX_CHUNK, 65_536);
     assert_eq!(SYNC_PAD_LEN, 131_084);
     assert_eq!(DEFAULT_STDIN_WINDOW, 262_144);
-    assert_eq!(PROTOCOL_VERSION, 2);
+    assert_eq!(DEFAULT_UPLOAD_WINDOW, 8_388_608);
+    assert_eq!(PROTOCOL_VERSION, 3);
 }
 
 #[test]
@@ -565,8 +681,9 @@ fn other_primitives() {
             max_chunk: 2,
             stdin_window: 3,
             heartbeat_ms: 4,
+            upload_window: 5,
         }),
-        [1, 2, 3, 4]
+        [1, 2, 3, 4, 5]
     );
     // Unit variants are their index.
     assert_eq!(payload(&OutputStream::Stdout), [0]);
@@ -585,7 +702,8 @@ fn error_kind_tags() {
     assert_eq!(payload(&ErrorKind::Protocol), [1]);
     assert_eq!(payload(&ErrorKind::NoSession), [7]);
     assert_eq!(payload(&ErrorKind::PermissionDenied), [8]);
-    assert!(decode::<ErrorKind>(&[9]).is_err());
+    assert_eq!(payload(&ErrorKind::Cancelled), [11]);
+    assert!(decode::<ErrorKind>(&[12]).is_err());
 }
 
 #[test]
@@ -636,6 +754,7 @@ fn field_order_of_structs() {
             max_chunk: 2,
             stdin_window: 1,
             heartbeat_ms: 0,
+            upload_window: 0,
         },
         builds: vec![BuildSummary {
             build: build("b"),
@@ -655,7 +774,7 @@ fn field_order_of_structs() {
     // BuildState::Finished is tag 1; ExitStatus::Code(1) is tag 0 then zigzag 2.
     assert_eq!(
         payload(&w),
-        [0, 1, 1, b'v', 1, 1, b'c', 3, 2, 1, 0, 1, 1, b'b', 1, b'm', 9, 8, 7, 1, 0, 2, 0, 6, 5, 4]
+        [0, 1, 1, b'v', 1, 1, b'c', 3, 2, 1, 0, 0, 1, 1, b'b', 1, b'm', 9, 8, 7, 1, 0, 2, 0, 6, 5, 4]
     );
     let a = ClientMessage::Attach {
         req: 3,
@@ -673,7 +792,7 @@ fn field_order_of_structs() {
     assert_eq!(payload(&g), [11, 1, b'b', 1, 2, 1]);
     let r = ClientMessage::Run {
         req: 7,
-        spec: RunSpec {
+        spec: Box::new(RunSpec {
             command: CommandSpec::Script {
                 script: b(b"s"),
                 shell: None,
@@ -688,13 +807,35 @@ fn field_order_of_structs() {
             stdin: true,
             name: Some("n".into()),
             id: Some("i".into()),
-        },
+            uploads: vec![UploadSpec { dest: b(b"d") }],
+            fetches: vec![FetchSpec {
+                url: "u".into(),
+                sha256: Some([9; 32]),
+                dest: b(b""),
+            }],
+            wait_for: vec!["g".into()],
+            wait_timeout_ms: None,
+            hold_after_ms: Some(3),
+        }),
         follow: false,
     };
-    assert_eq!(
-        payload(&r),
-        [3, 7, 1, 1, b's', 0, 1, 1, b'K', 1, b'V', 1, 1, b'w', 1, 1, 0, 1, 1, 1, b'n', 1, 1, b'i', 0]
-    );
+    let mut want = vec![
+        3, 7, 1, 1, b's', 0, 1, 1, b'K', 1, b'V', 1, 1, b'w', 1, 1, 0, 1, 1, 1, b'n', 1, 1, b'i',
+    ];
+    // uploads: [dest "d"]; fetches: [url "u", Some(32 bytes of 9, no length), dest ""]
+    want.extend([1, 1, b'd', 1, 1, b'u', 1]);
+    want.extend([9; 32]);
+    want.extend([0, 1, 1, b'g', 0, 1, 3, 0]);
+    assert_eq!(payload(&r), want);
+    let u = ClientMessage::UploadEnd {
+        req: 1,
+        index: 2,
+        bytes: 3,
+        sha256: [4; 32],
+    };
+    let mut want = vec![11, 1, 2, 3];
+    want.extend([4; 32]);
+    assert_eq!(payload(&u), want);
     assert_eq!(
         payload(&ClientMessage::Stdin {
             build: build("b"),
@@ -771,7 +912,7 @@ fn undecodable_payloads_are_decode_errors() {
     }
     let bad_daemon: Vec<Vec<u8>> = vec![
         vec![DAEMON_TAGS],
-        vec![1, 0, 0, 9, 0],                // Error with ErrorKind 9
+        vec![1, 0, 0, 12, 0],               // Error with ErrorKind 12
         vec![5, 1, b'b', 2, 0, 0],          // Output with OutputStream 2
         vec![6, 1, b'b', 2, 0, 0, 0, 0, 0], // Exited with ExitStatus 2
         vec![6, 1, b'b', 0, 0, 3, 0, 0, 0], // Exited with EndCause 3
@@ -833,7 +974,7 @@ fn every_payload_that_fits_decodes() {
     // All of them must decode as long as the payload fits in a frame.
     let run_with_env = |n: usize| ClientMessage::Run {
         req: u64::MAX,
-        spec: RunSpec {
+        spec: Box::new(RunSpec {
             env: vec![
                 EnvVar {
                     name: b(b""),
@@ -841,14 +982,14 @@ fn every_payload_that_fits_decodes() {
                 };
                 n
             ],
-            name: Some("x".into()),
+            name: Some("xy".into()),
             ..run_spec(CommandSpec::Argv(vec![]))
-        },
+        }),
         follow: true,
     };
-    // 24 bytes of other fields (tag 1, req 9, command 2, env length 3, options and flag 4,
-    // name 3, id 1, follow 1) and two bytes per variable.
-    let run = run_with_env((MAX_PAYLOAD - 24) / 2);
+    // 30 bytes of other fields (tag 1, req 9, command 2, env length 3, options and flag 4,
+    // name 4, id 1, the preparation fields 5, follow 1) and two bytes per variable.
+    let run = run_with_env((MAX_PAYLOAD - 30) / 2);
     let p = payload(&run);
     assert_eq!(p.len(), MAX_PAYLOAD);
     assert_eq!(decode_framed::<ClientMessage>(&p).unwrap(), run);
@@ -870,14 +1011,14 @@ fn every_payload_that_fits_decodes() {
     assert!(p.len() <= MAX_PAYLOAD);
     assert_eq!(decode_framed::<DaemonMessage>(&p).unwrap(), w);
 
-    // 17 bytes of other fields: tag, req, command tag, script length (252 + u32), shell,
-    // env, three options, flag, name, id, follow.
+    // 22 bytes of other fields: tag, req, command tag, script length (252 + u32), shell,
+    // env, three options, flag, name, id, the five preparation fields, follow.
     let script = ClientMessage::Run {
         req: 1,
-        spec: run_spec(CommandSpec::Script {
-            script: Bytes::from(vec![b'#'; MAX_PAYLOAD - 17]),
+        spec: Box::new(run_spec(CommandSpec::Script {
+            script: Bytes::from(vec![b'#'; MAX_PAYLOAD - 22]),
             shell: None,
-        }),
+        })),
         follow: false,
     };
     let p = payload(&script);
@@ -934,6 +1075,7 @@ fn welcome(protocol: u32, version: &str) -> Welcome {
             max_chunk: MAX_CHUNK as u32,
             stdin_window: DEFAULT_STDIN_WINDOW,
             heartbeat_ms: 10_000,
+            upload_window: DEFAULT_UPLOAD_WINDOW,
         },
         builds: vec![],
     }

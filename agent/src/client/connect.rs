@@ -218,6 +218,7 @@ fn placeholder_welcome() -> Welcome {
             max_chunk: 0,
             stdin_window: 0,
             heartbeat_ms: 0,
+            upload_window: 0,
         },
         builds: Vec::new(),
     }

@@ -23,17 +23,23 @@ use tokio::time::{sleep_until, Instant};
 use super::connect::{connect, Connection};
 use super::exit;
 use super::output::Output;
+use super::transfer::{self, Download, Progress as Bar, Receiving, UpItem, Upload};
 use crate::cli::ConnectArgs;
 use crate::wire::Inbound;
 
 const MAIN_REQ: u64 = 1;
 const CANCEL_REQ: u64 = 2;
+const RELEASE_REQ: u64 = 3;
+/// Download `i` of a run is request `DOWNLOAD_REQ + i`.
+const DOWNLOAD_REQ: u64 = 100;
 
 /// First and largest pause between reconnection attempts.
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// What the loop is for.
+// One per client process: the size of its largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Goal {
     /// Start a build (or follow the one with the spec's id) and follow it.
     Run {
@@ -42,11 +48,22 @@ pub enum Goal {
         detach: bool,
         /// Forward our stdin.
         stdin: bool,
+        transfers: Transfers,
     },
     /// Follow a build from `from` (`None`: its current end).
     Attach { build: BuildId, from: Option<u64> },
     /// Print a build's output so far.
     Logs { build: BuildId },
+}
+
+/// A run's uploads and downloads.
+pub struct Transfers {
+    pub uploads: Vec<Upload>,
+    pub excludes: Vec<String>,
+    pub downloads: Vec<Download>,
+    pub limits: tether_executor::transfer::UnpackLimits,
+    /// Show progress bars.
+    pub progress: bool,
 }
 
 /// Why following stopped without an exit code.
@@ -71,6 +88,28 @@ struct Progress {
     /// Whether the position is known (attach from the end learns it from the first
     /// reply).
     positioned: bool,
+    /// The build while it prepares (before `Started`), for cancelling it.
+    preparing: Option<BuildId>,
+    /// Downloads completed (successfully or not).
+    downloads_done: usize,
+    /// A transfer failed: the run exits 125 whatever the build's status.
+    transfer_failed: bool,
+}
+
+/// A session's upload in progress.
+struct Uploading {
+    rx: mpsc::Receiver<UpItem>,
+    sent: u64,
+    acked: u64,
+    window: u64,
+    bar: Bar,
+}
+
+/// Per-session transfer state (a reconnect starts transfers over).
+#[derive(Default)]
+struct Xfer {
+    up: Option<Uploading>,
+    down: Option<(u64, Receiving)>,
 }
 
 /// Follows as `goal` says; returns the exit code.
@@ -85,6 +124,9 @@ pub async fn follow(goal: Goal, connect_args: &ConnectArgs, out: &mut Output) ->
         },
         cancels: 0,
         positioned: !matches!(goal, Goal::Attach { from: None, .. }),
+        preparing: None,
+        downloads_done: 0,
+        transfer_failed: false,
     };
     if let Goal::Attach { from: Some(from), .. } = goal {
         out.seek(from);
@@ -177,7 +219,7 @@ async fn open(conn: &Connection, goal: &Goal, progress: &Progress, out: &Output)
     let msg = match (goal, &progress.build) {
         (Goal::Run { spec, detach, .. }, None) => ClientMessage::Run {
             req: MAIN_REQ,
-            spec: spec.clone(),
+            spec: Box::new(spec.clone()),
             follow: !detach,
         },
         (Goal::Logs { .. }, Some(build)) => ClientMessage::Attach {
@@ -216,6 +258,7 @@ async fn session(
         }
     }
     let mut stdin: Option<StdinFwd> = None;
+    let mut xfer = Xfer::default();
     let mut heard = Instant::now();
     // A daemon that pings rarely (`serve --heartbeat 2m`) is not silent between pings:
     // wait for at least three of its intervals.
@@ -224,6 +267,10 @@ async fn session(
         .max(Duration::from_millis(u64::from(conn.welcome.limits.heartbeat_ms)) * 3);
     loop {
         let can_send_stdin = stdin.as_ref().is_some_and(|s| s.open && s.sent - s.acked < s.window);
+        let can_upload = xfer
+            .up
+            .as_ref()
+            .is_some_and(|u| u.sent.saturating_sub(u.acked) < u.window);
         let signalled = tokio::select! {
             item = conn.inbound.recv() => {
                 heard = Instant::now();
@@ -242,7 +289,13 @@ async fn session(
                         return Err(Stop::Lost(anyhow!("the connection closed before the build finished")));
                     }
                 };
-                if let Some(code) = on_message(conn, goal, progress, out, &mut stdin, msg).await? {
+                if let Some(code) = on_message(conn, goal, progress, out, &mut stdin, &mut xfer, msg).await? {
+                    return Ok(code);
+                }
+                continue;
+            }
+            item = recv_upload(&mut xfer.up), if can_upload => {
+                if let Some(code) = on_upload(conn, progress, &mut xfer, item).await? {
                     return Ok(code);
                 }
                 continue;
@@ -286,10 +339,109 @@ async fn session(
         } else {
             progress.cancels.max(1)
         };
-        if let Some(b) = &progress.build {
+        if let Some(b) = progress.build.as_ref().or(progress.preparing.as_ref()) {
             send_cancel(conn, b, progress.cancels > 1).await?;
         }
     }
+}
+
+async fn recv_upload(up: &mut Option<Uploading>) -> Option<UpItem> {
+    match up {
+        Some(u) => u.rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sends one piece of the uploads; `Some(code)` when packing failed.
+async fn on_upload(
+    conn: &Connection,
+    progress: &mut Progress,
+    xfer: &mut Xfer,
+    item: Option<UpItem>,
+) -> Result<Option<i32>, Stop> {
+    let Some(up) = &mut xfer.up else { return Ok(None) };
+    match item {
+        Some(UpItem::Data(index, data)) => {
+            up.sent += data.len() as u64;
+            up.bar.add(data.len() as u64);
+            let data = wire::Bytes::from(data);
+            conn.writer
+                .send(&ClientMessage::Upload {
+                    req: MAIN_REQ,
+                    index,
+                    data,
+                })
+                .await?;
+        }
+        Some(UpItem::End { index, bytes, sha256 }) => {
+            conn.writer
+                .send(&ClientMessage::UploadEnd {
+                    req: MAIN_REQ,
+                    index,
+                    bytes,
+                    sha256,
+                })
+                .await?;
+        }
+        Some(UpItem::Failed(message)) => {
+            up.bar.done();
+            xfer.up = None;
+            eprintln!("tether: {message}");
+            // The build must not start without its files.
+            if let Some(b) = &progress.preparing {
+                send_cancel(conn, b, true).await?;
+            }
+            return Ok(Some(exit::TETHER_FAILED));
+        }
+        None => {
+            up.bar.done();
+            xfer.up = None;
+        }
+    }
+    Ok(None)
+}
+
+/// The next step once the build is held: the next download, or the release.
+async fn next_download(
+    conn: &Connection,
+    goal: &Goal,
+    progress: &mut Progress,
+    xfer: &mut Xfer,
+    build: &BuildId,
+) -> Result<(), Stop> {
+    let Goal::Run { transfers, .. } = goal else {
+        return Ok(());
+    };
+    while let Some(d) = transfers.downloads.get(progress.downloads_done) {
+        let bar = Bar::new(transfers.progress, &format!("download {}", d.path), None);
+        match Receiving::start(d, transfers.limits, bar) {
+            Ok(r) => {
+                let req = DOWNLOAD_REQ + progress.downloads_done as u64;
+                conn.writer
+                    .send(&ClientMessage::Download {
+                        req,
+                        build: build.clone(),
+                        path: transfer::path_bytes(&d.path),
+                    })
+                    .await?;
+                xfer.down = Some((req, r));
+                return Ok(());
+            }
+            Err(e) => {
+                eprintln!("tether: download of {:?}: {e:#}", d.path);
+                progress.transfer_failed = true;
+                progress.downloads_done += 1;
+            }
+        }
+    }
+    conn.writer
+        .send(&ClientMessage::Release {
+            req: RELEASE_REQ,
+            build: build.clone(),
+            status: None,
+        })
+        .await?;
+    Ok(())
 }
 
 /// Handles one message; `Some(code)` ends following.
@@ -299,10 +451,84 @@ async fn on_message(
     progress: &mut Progress,
     out: &mut Output,
     stdin: &mut Option<StdinFwd>,
+    xfer: &mut Xfer,
     msg: DaemonMessage,
 ) -> Result<Option<i32>, Stop> {
     let ours = |b: &BuildId| progress.build.as_ref() == Some(b);
     match msg {
+        DaemonMessage::Preparing { req: MAIN_REQ, build } => {
+            tracing::debug!(%build, "preparing");
+            progress.preparing = Some(build.clone());
+            if let Goal::Run { transfers, .. } = goal {
+                if progress.cancels > 0 {
+                    send_cancel(conn, &build, progress.cancels > 1).await?;
+                }
+                if !transfers.uploads.is_empty() {
+                    let total = transfers.progress.then(|| transfer::estimate(&transfers.uploads));
+                    let rx = transfer::start_uploads(transfers.uploads.clone(), transfers.excludes.clone())
+                        .map_err(Stop::Fatal)?;
+                    xfer.up = Some(Uploading {
+                        rx,
+                        sent: 0,
+                        acked: 0,
+                        window: u64::from(conn.welcome.limits.upload_window.max(wire::MAX_CHUNK as u32)),
+                        bar: Bar::new(transfers.progress, "upload", total),
+                    });
+                }
+            }
+        }
+        DaemonMessage::UploadAck {
+            req: MAIN_REQ,
+            consumed,
+        } => {
+            if let Some(up) = &mut xfer.up {
+                up.acked = consumed;
+            }
+        }
+        DaemonMessage::Held { build, status, .. } if ours(&build) => {
+            tracing::debug!(%build, ?status, "held for downloads");
+            if xfer.down.is_none() {
+                next_download(conn, goal, progress, xfer, &build).await?;
+            }
+        }
+        DaemonMessage::DownloadData { req, data } => {
+            if let Some((r, recv)) = &mut xfer.down {
+                if *r == req {
+                    recv.data(data.into_vec()).await;
+                }
+            }
+        }
+        DaemonMessage::DownloadEnd { req, bytes, sha256 } if xfer.down.as_ref().is_some_and(|(r, _)| *r == req) => {
+            if let Some((_, recv)) = xfer.down.take() {
+                let path = recv.path.clone();
+                match recv.end(bytes, sha256).await {
+                    Ok(report) => {
+                        tracing::info!(path, entries = report.entries, bytes = report.bytes, "downloaded");
+                    }
+                    Err(e) => {
+                        eprintln!("tether: {e:#}");
+                        progress.transfer_failed = true;
+                    }
+                }
+                progress.downloads_done += 1;
+                if let Some(b) = progress.build.clone() {
+                    next_download(conn, goal, progress, xfer, &b).await?;
+                }
+            }
+        }
+        DaemonMessage::Error(e) if e.req.is_some() && e.req == xfer.down.as_ref().map(|(r, _)| *r) => {
+            // The daemon could not send it (a missing path): said, and the build's own
+            // status stands.
+            eprintln!("tether: {}", e.message);
+            if let Some((_, recv)) = xfer.down.take() {
+                drop(recv);
+            }
+            progress.downloads_done += 1;
+            if let Some(b) = progress.build.clone() {
+                next_download(conn, goal, progress, xfer, &b).await?;
+            }
+        }
+        DaemonMessage::Ack { req: RELEASE_REQ } => tracing::debug!("released"),
         DaemonMessage::Started(s) if s.req == MAIN_REQ => {
             tracing::debug!(build = %s.build, pid = s.pid, existing = s.existing, "started");
             if s.existing {
@@ -381,7 +607,11 @@ async fn on_message(
             if out.position() < end {
                 tracing::warn!(build = %e.build, printed = out.position(), end, "the build's output ended before what was printed");
             }
-            let code = exit::for_exited(&e);
+            let code = if progress.transfer_failed {
+                exit::TETHER_FAILED
+            } else {
+                exit::for_exited(&e)
+            };
             if let Err(e) = out.exited(&e, code).await {
                 tracing::debug!(error = %e, "stdout closed");
             }

@@ -10,3 +10,4 @@ pub mod follow;
 pub mod output;
 pub mod ps;
 pub mod run;
+pub mod transfer;

@@ -44,6 +44,12 @@ pub async fn ps(args: PsArgs) -> anyhow::Result<i32> {
     for b in &builds {
         let (state, duration_ms, code) = match &b.state {
             BuildState::Running => ("running", now_ms.saturating_sub(b.started_at_ms), String::new()),
+            BuildState::Preparing => ("preparing", now_ms.saturating_sub(b.started_at_ms), String::new()),
+            BuildState::Held { status, cause, .. } => (
+                "held",
+                now_ms.saturating_sub(b.started_at_ms),
+                exit_code(status, *cause).to_string(),
+            ),
             BuildState::Finished {
                 status,
                 cause,
@@ -90,6 +96,21 @@ fn as_json(b: &BuildSummary, now_ms: u64) -> Value {
             v["state"] = json!("running");
             v["duration_ms"] = json!(now_ms.saturating_sub(b.started_at_ms));
         }
+        BuildState::Preparing => {
+            v["state"] = json!("preparing");
+            v["duration_ms"] = json!(now_ms.saturating_sub(b.started_at_ms));
+        }
+        BuildState::Held {
+            status,
+            cause,
+            until_ms,
+        } => {
+            v["state"] = json!("held");
+            v["duration_ms"] = json!(now_ms.saturating_sub(b.started_at_ms));
+            v["exit_code"] = json!(exit_code(status, *cause));
+            v["status"] = status_json(status);
+            v["held_until_ms"] = json!(until_ms);
+        }
         BuildState::Finished {
             status,
             cause,
@@ -100,15 +121,19 @@ fn as_json(b: &BuildSummary, now_ms: u64) -> Value {
             v["state"] = json!(cause_name(*cause));
             v["duration_ms"] = json!(duration_ms);
             v["exit_code"] = json!(exit_code(status, *cause));
-            v["status"] = match status {
-                ExitStatus::Code(c) => json!({"code": c}),
-                ExitStatus::Signal { signal, core_dumped } => json!({"signal": signal, "core_dumped": core_dumped}),
-            };
+            v["status"] = status_json(status);
             v["finished_at_ms"] = json!(finished_at_ms);
             v["expires_at_ms"] = json!(expires_at_ms);
         }
     }
     v
+}
+
+fn status_json(status: &ExitStatus) -> Value {
+    match status {
+        ExitStatus::Code(c) => json!({"code": c}),
+        ExitStatus::Signal { signal, core_dumped } => json!({"signal": signal, "core_dumped": core_dumped}),
+    }
 }
 
 /// The exit code `tether run` gave (or would give) for this build.

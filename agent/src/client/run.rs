@@ -6,15 +6,19 @@ use std::os::unix::ffi::OsStrExt;
 use anyhow::{bail, Context};
 use tether_protocol::{self as wire, RunSpec};
 
-use super::follow::{follow, Goal};
+use super::follow::{follow, Goal, Transfers};
 use super::output::Output;
+use super::transfer::{self, Download, Upload};
 use crate::cli::RunArgs;
+
+/// How long the daemon keeps a finished build's directory for the client's downloads.
+const DOWNLOAD_HOLD: std::time::Duration = std::time::Duration::from_secs(30 * 60);
 
 fn bytes(b: &[u8]) -> wire::Bytes {
     wire::Bytes::from(b.to_vec())
 }
 
-fn spec(args: &RunArgs) -> RunSpec {
+fn spec(args: &RunArgs, uploads: &[Upload], downloads: &[Download]) -> anyhow::Result<RunSpec> {
     let command = match &args.sh {
         Some(script) => wire::CommandSpec::Script {
             script: bytes(script.as_bytes()),
@@ -22,7 +26,22 @@ fn spec(args: &RunArgs) -> RunSpec {
         },
         None => wire::CommandSpec::Argv(args.argv.iter().map(|a: &OsString| bytes(a.as_bytes())).collect()),
     };
-    RunSpec {
+    let fetches = args
+        .fetch
+        .iter()
+        .map(|f| {
+            let r = tether_executor::fetch::parse_fetch_arg(f).map_err(|e| anyhow::anyhow!("--fetch {f:?}: {e}"))?;
+            Ok(wire::FetchSpec {
+                url: r.url,
+                sha256: r.sha256,
+                dest: bytes(r.dest.as_os_str().as_bytes()),
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    for g in &args.wait_for {
+        tether_executor::gate::Gate::parse(g).map_err(|e| anyhow::anyhow!("--wait-for: {e}"))?;
+    }
+    Ok(RunSpec {
         command,
         env: args
             .env
@@ -39,7 +58,17 @@ fn spec(args: &RunArgs) -> RunSpec {
         stdin: args.interactive,
         name: args.name.clone(),
         id: args.id.clone(),
-    }
+        uploads: uploads
+            .iter()
+            .map(|u| wire::UploadSpec {
+                dest: bytes(u.dest.as_bytes()),
+            })
+            .collect(),
+        fetches,
+        wait_for: args.wait_for.clone(),
+        wait_timeout_ms: args.wait_timeout.map(|t| t.as_millis() as u64),
+        hold_after_ms: (!downloads.is_empty()).then(|| DOWNLOAD_HOLD.as_millis() as u64),
+    })
 }
 
 /// A fresh id for a build whose client reconnects: a retried `Run` must name the same
@@ -53,15 +82,38 @@ pub async fn run(args: RunArgs) -> anyhow::Result<i32> {
     if args.detach && args.connect.via.is_none() && args.connect.socket.is_none() {
         bail!("--detach needs a daemon that outlives this client: say --via CMD or --socket PATH");
     }
-    let mut spec = spec(&args);
+    let uploads = args
+        .upload
+        .iter()
+        .map(|u| transfer::parse_upload(u))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(anyhow::Error::msg)?;
+    for u in &uploads {
+        std::fs::symlink_metadata(&u.src).with_context(|| format!("--upload {}", u.src.display()))?;
+    }
+    let downloads = args
+        .download
+        .iter()
+        .map(|d| transfer::parse_download(d))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(anyhow::Error::msg)?;
+    let mut spec = spec(&args, &uploads, &downloads)?;
     if spec.id.is_none() && (args.connect.reconnects() || args.detach) && !args.interactive {
         spec.id = Some(generated_id(args.name.as_deref()));
     }
     let mut out = Output::new(args.json).context("cannot set up output")?;
+    let progress = !args.no_progress && (args.progress || std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let goal = Goal::Run {
         spec,
         detach: args.detach,
         stdin: args.interactive,
+        transfers: Transfers {
+            uploads,
+            excludes: args.exclude.clone(),
+            downloads,
+            limits: args.archive.limits(),
+            progress,
+        },
     };
     let result = follow(goal, &args.connect, &mut out).await;
     let close = out.close().await;

@@ -5,20 +5,30 @@
 //! stdin, a pump task that writes client stdin into its pipe and acknowledges it. A
 //! build outlives the session that started it. Once it ends, its record (output spool
 //! and status) stays here until its retention period passes ([`Builds::expire`]).
+//!
+//! A run that waits for readiness gates, fetches or uploads is *preparing* first: its
+//! directory exists, its command has not started, and a task of its own carries out
+//! the preparation ([`super::prepare`]). Preparations are listed apart from builds:
+//! they have no output and no process yet. A run that asks for a hold after its
+//! command (`hold_after_ms`, for downloads) is *held* until a release: its entry is
+//! still running (the control releases it), and its feed has told followers `Held`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tether_executor::{BuildControl, BuildEvent, BuildStdin, Executor, StartError};
+use tether_executor::{Build, BuildControl, BuildEvent, BuildStdin, Executor, Prepared, StartError};
 use tether_protocol::{self as wire, BuildId, DaemonMessage, ErrorKind, ErrorReport, RequestId};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::convert;
 use super::follow::{Feed, Mode};
 use super::outbox::Outbox;
+use super::prepare::{self, Plan, PrepContext};
+use super::upload::{self, UploadRoute};
 
 enum StdinCmd {
     Data(Vec<u8>),
@@ -28,6 +38,20 @@ enum StdinCmd {
 struct Running {
     control: BuildControl,
     stdin: Option<(mpsc::UnboundedSender<StdinCmd>, Arc<AtomicU64>)>,
+    /// The build's private work dir (for downloads).
+    work_root: std::path::PathBuf,
+    /// Set while the build is held: its status, cause and the hold's end.
+    held: Option<(wire::ExitStatus, wire::EndCause, u64)>,
+}
+
+/// A run whose command has not started yet.
+struct Preparing {
+    summary: wire::BuildSummary,
+    command: wire::CommandSpec,
+    /// Stops the preparation (a cancel, a retried run taking over, shutdown).
+    stop: CancellationToken,
+    /// Cancelled once the preparation is over and its directory handled.
+    done: CancellationToken,
 }
 
 struct Finished {
@@ -51,6 +75,13 @@ impl Entry {
     fn summary(&self) -> wire::BuildSummary {
         let mut s = self.summary.clone();
         s.output_end = self.feed.end();
+        if let Some((status, cause, until_ms)) = self.running.as_ref().and_then(|r| r.held) {
+            s.state = wire::BuildState::Held {
+                status,
+                cause,
+                until_ms,
+            };
+        }
         if let Some(f) = &self.finished {
             s.state = wire::BuildState::Finished {
                 status: f.exited.status,
@@ -68,9 +99,12 @@ impl Entry {
 pub struct Builds {
     executor: Executor,
     entries: Mutex<HashMap<BuildId, Entry>>,
+    preparing: Mutex<HashMap<BuildId, Preparing>>,
+    prep: Arc<PrepContext>,
     tasks: TaskTracker,
     accepting: AtomicBool,
     stdin_window: u64,
+    upload_window: u64,
     retain: Duration,
 }
 
@@ -81,6 +115,16 @@ fn error(req: Option<RequestId>, build: Option<BuildId>, kind: ErrorKind, messag
         kind,
         message: message.into(),
     }
+}
+
+/// A run naming an id that another command's build has.
+fn taken(req: RequestId, id: &BuildId, command: &str) -> ErrorReport {
+    error(
+        Some(req),
+        Some(id.clone()),
+        ErrorKind::BadRequest,
+        format!("build id {id} is taken by another command ({command:?}); choose another id"),
+    )
 }
 
 fn unknown(req: Option<RequestId>, build: &BuildId) -> ErrorReport {
@@ -100,13 +144,22 @@ fn now_ms() -> u64 {
 }
 
 impl Builds {
-    pub fn new(executor: Executor, stdin_window: u64, retain: Duration) -> Arc<Builds> {
+    pub fn new(
+        executor: Executor,
+        prep: Arc<PrepContext>,
+        stdin_window: u64,
+        upload_window: u64,
+        retain: Duration,
+    ) -> Arc<Builds> {
         Arc::new(Builds {
             executor,
             entries: Mutex::new(HashMap::new()),
+            preparing: Mutex::new(HashMap::new()),
+            prep,
             tasks: TaskTracker::new(),
             accepting: AtomicBool::new(true),
             stdin_window,
+            upload_window,
             retain,
         })
     }
@@ -115,16 +168,22 @@ impl Builds {
         self.entries.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn lock_preparing(&self) -> MutexGuard<'_, HashMap<BuildId, Preparing>> {
+        self.preparing.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Starts a build (or, when `spec.id` names one that exists, follows that one), and
     /// queues `Started` on `out` before any of its output. With `follow`, the session
-    /// gets the build's output and exit.
+    /// gets the build's output and exit. A run that prepares first (gates, fetches,
+    /// uploads) is answered by `Preparing` and carried on by a task of its own; when it
+    /// has uploads, the returned route takes the session's `Upload` pieces.
     pub async fn start(
         self: &Arc<Self>,
         req: RequestId,
         spec: &wire::RunSpec,
         follow: bool,
         out: Outbox,
-    ) -> Result<(), ErrorReport> {
+    ) -> Result<Option<UploadRoute>, ErrorReport> {
         if let Some(id) = &spec.id {
             if !wire::valid_build_id(id) {
                 return Err(error(
@@ -137,13 +196,15 @@ impl Builds {
                     ),
                 ));
             }
-            if let Some((started, feed)) = self.existing(req, &BuildId(id.clone()), spec)? {
+            let id = BuildId(id.clone());
+            self.take_over_preparation(req, &id, spec).await?;
+            if let Some((started, feed)) = self.existing(req, &id, spec)? {
                 // Started first, then the output from position 0 (§14's order).
                 out.control(DaemonMessage::Started(started)).await;
                 if follow {
                     let _ = feed.subscribe(out, 0, Mode::Follow);
                 }
-                return Ok(());
+                return Ok(None);
             }
         }
         if !self.accepting.load(Ordering::SeqCst) {
@@ -158,18 +219,148 @@ impl Builds {
         if build_spec.id.is_none() {
             build_spec.id = Some(self.fresh_id(spec.name.as_deref()));
         }
-        let mut build = self.executor.start(build_spec).map_err(|e| {
-            let kind = match &e {
-                StartError::NotFound { .. } => ErrorKind::CommandNotFound,
-                StartError::NotExecutable { .. } => ErrorKind::NotExecutable,
-                StartError::NoShell => ErrorKind::CommandNotFound,
-                StartError::EmptyCommand | StartError::Nul | StartError::BadWorkdir { .. } | StartError::IdInUse(_) => {
-                    ErrorKind::BadRequest
-                }
-                StartError::BuildDir(_) | StartError::Spool(_) | StartError::Io(_) => ErrorKind::Internal,
+        if spec.prepares() {
+            return self.prepare(req, spec, build_spec, follow, out).await;
+        }
+        let build = self.executor.start(build_spec).map_err(|e| start_error(req, e))?;
+        self.register(req, spec, build, follow, out).await;
+        Ok(None)
+    }
+
+    /// A retried run (same id) of a build still preparing for an earlier session: that
+    /// preparation is stopped and this run starts over (its uploads come again).
+    async fn take_over_preparation(
+        &self,
+        req: RequestId,
+        id: &BuildId,
+        spec: &wire::RunSpec,
+    ) -> Result<(), ErrorReport> {
+        let done = {
+            let preparing = self.lock_preparing();
+            let Some(p) = preparing.get(id) else { return Ok(()) };
+            if p.command != spec.command {
+                return Err(taken(req, id, &p.summary.command));
+            }
+            tracing::info!(build = %id, "run of a build id that is still preparing: starting its preparation over");
+            p.stop.cancel();
+            p.done.clone()
+        };
+        done.cancelled().await;
+        Ok(())
+    }
+
+    /// Creates the build's directory and starts its preparation.
+    async fn prepare(
+        self: &Arc<Self>,
+        req: RequestId,
+        spec: &wire::RunSpec,
+        build_spec: tether_executor::BuildSpec,
+        follow: bool,
+        out: Outbox,
+    ) -> Result<Option<UploadRoute>, ErrorReport> {
+        let mut plan = Plan::of(spec, req)?;
+        let prepared = self.executor.prepare(build_spec).map_err(|e| start_error(req, e))?;
+        let id = BuildId(prepared.id().to_owned());
+        let route = if spec.uploads.is_empty() {
+            None
+        } else {
+            let (route, feed, aborter) = upload::channel(spec.uploads.len() as u32, self.upload_window);
+            let dests = spec.uploads.iter().map(|u| convert::path(&u.dest)).collect();
+            plan.uploads = Some((feed, aborter, dests));
+            Some(route)
+        };
+        let stop = CancellationToken::new();
+        let done = CancellationToken::new();
+        self.lock_preparing().insert(
+            id.clone(),
+            Preparing {
+                summary: wire::BuildSummary {
+                    build: id.clone(),
+                    command: convert::describe(spec),
+                    pid: 0,
+                    started_at_ms: now_ms(),
+                    output_end: 0,
+                    state: wire::BuildState::Preparing,
+                },
+                command: spec.command.clone(),
+                stop: stop.clone(),
+                done: done.clone(),
+            },
+        );
+        tracing::info!(build = %id, "build preparing");
+        out.control(DaemonMessage::Preparing { req, build: id.clone() }).await;
+        let builds = Arc::clone(self);
+        let spec = spec.clone();
+        self.tasks.spawn(async move {
+            let result = tokio::select! {
+                r = prepare::run(&builds.prep, &prepared, plan, req, &out) => r,
+                _ = stop.cancelled() => Err(error(
+                    Some(req),
+                    Some(id.clone()),
+                    ErrorKind::Cancelled,
+                    format!("build {id} was cancelled before its command started"),
+                )),
             };
-            error(Some(req), None, kind, e.to_string())
-        })?;
+            builds.prepared(req, id, &spec, prepared, result, follow, out).await;
+            done.cancel();
+        });
+        Ok(route)
+    }
+
+    /// The end of a preparation: the command starts, or the directory goes.
+    #[allow(clippy::too_many_arguments)]
+    async fn prepared(
+        self: &Arc<Self>,
+        req: RequestId,
+        id: BuildId,
+        spec: &wire::RunSpec,
+        prepared: Prepared,
+        result: Result<(), ErrorReport>,
+        follow: bool,
+        out: Outbox,
+    ) {
+        let result = match result {
+            Ok(()) if !self.accepting.load(Ordering::SeqCst) => Err(error(
+                Some(req),
+                None,
+                ErrorKind::Internal,
+                "the daemon is shutting down",
+            )),
+            other => other,
+        };
+        let started = match result {
+            // A failed start removes the directory itself.
+            Ok(()) => prepared.start().map_err(|e| start_error(req, e)),
+            Err(e) => {
+                // The directory may hold a large upload: removed off the runtime thread,
+                // and before the client hears of the failure.
+                let _ = tokio::task::spawn_blocking(move || prepared.discard()).await;
+                Err(e)
+            }
+        };
+        match started {
+            Ok(build) => {
+                self.register(req, spec, build, follow, out).await;
+                self.lock_preparing().remove(&id);
+            }
+            Err(mut e) => {
+                e.build = Some(id.clone());
+                tracing::info!(build = %id, error = %e.message, "build not started");
+                self.lock_preparing().remove(&id);
+                out.control(DaemonMessage::Error(e)).await;
+            }
+        }
+    }
+
+    /// Enters a started build and queues its `Started` (then its output, when followed).
+    async fn register(
+        self: &Arc<Self>,
+        req: RequestId,
+        spec: &wire::RunSpec,
+        mut build: Build,
+        follow: bool,
+        out: Outbox,
+    ) {
         let id = BuildId(build.id.clone());
         tracing::info!(build = %id, pid = build.pid, shell = ?build.shell, "build started");
         let stdin = build.stdin.take().map(|pipe| {
@@ -196,6 +387,8 @@ impl Builds {
             running: Some(Running {
                 control: build.control.clone(),
                 stdin,
+                work_root: build.work_root.clone(),
+                held: None,
             }),
             finished: None,
         };
@@ -213,7 +406,6 @@ impl Builds {
             let _ = feed.subscribe(out, 0, Mode::Follow);
         }
         self.tasks.spawn(forward(Arc::clone(self), id, build.events, feed));
-        Ok(())
     }
 
     /// A Run naming an existing build: its `Started` and feed, to follow it instead.
@@ -228,15 +420,7 @@ impl Builds {
             return Ok(None);
         };
         if entry.command != spec.command {
-            return Err(error(
-                Some(req),
-                Some(id.clone()),
-                ErrorKind::BadRequest,
-                format!(
-                    "build id {id} is taken by another command ({:?}); choose another id",
-                    entry.summary.command
-                ),
-            ));
+            return Err(taken(req, id, &entry.summary.command));
         }
         tracing::info!(build = %id, "run of an existing build id: following it instead of starting it again");
         let started = wire::Started {
@@ -348,8 +532,60 @@ impl Builds {
         Ok(())
     }
 
+    /// Ends a held build's hold, with `status` or its own.
+    pub fn release(
+        &self,
+        req: RequestId,
+        build: &BuildId,
+        status: Option<wire::ExitStatus>,
+    ) -> Result<(), ErrorReport> {
+        let entries = self.lock();
+        let entry = entries.get(build).ok_or_else(|| unknown(Some(req), build))?;
+        match &entry.running {
+            Some(running) if running.held.is_some() => {
+                tracing::info!(build = %build, ?status, "releasing held build");
+                running.control.release(status.map(convert::child_status));
+                Ok(())
+            }
+            _ => Err(error(
+                Some(req),
+                Some(build.clone()),
+                ErrorKind::BadRequest,
+                format!("build {build} is not held"),
+            )),
+        }
+    }
+
+    /// Sends `path` of a running or held build's work dir as download `req`.
+    pub fn download(&self, req: RequestId, build: &BuildId, path: wire::Bytes, out: Outbox) -> Result<(), ErrorReport> {
+        let entries = self.lock();
+        let Some(entry) = entries.get(build) else {
+            let message = if self.lock_preparing().contains_key(build) {
+                format!("build {build} has not started yet")
+            } else {
+                return Err(unknown(Some(req), build));
+            };
+            return Err(error(Some(req), Some(build.clone()), ErrorKind::BadRequest, message));
+        };
+        let Some(running) = &entry.running else {
+            return Err(error(
+                Some(req),
+                Some(build.clone()),
+                ErrorKind::BadRequest,
+                format!("build {build} has finished and its directory is gone (run --download holds it for downloads)"),
+            ));
+        };
+        super::download::start(req, build.clone(), running.work_root.clone(), path, out);
+        Ok(())
+    }
+
     /// Cancels one running build.
     pub fn cancel(&self, req: RequestId, build: &BuildId, force: bool) -> Result<(), ErrorReport> {
+        if let Some(p) = self.lock_preparing().get(build) {
+            tracing::info!(build = %build, "cancelling a build before its command started");
+            p.stop.cancel();
+            return Ok(());
+        }
         let entries = self.lock();
         let entry = entries.get(build).ok_or_else(|| unknown(Some(req), build))?;
         match &entry.running {
@@ -375,6 +611,7 @@ impl Builds {
             .filter(|e| all || e.running.is_some())
             .map(Entry::summary)
             .collect();
+        list.extend(self.lock_preparing().values().map(|p| p.summary.clone()));
         list.sort_by(|a, b| (a.started_at_ms, &a.build).cmp(&(b.started_at_ms, &b.build)));
         list
     }
@@ -400,6 +637,9 @@ impl Builds {
     /// until every one of them finished and was reported.
     pub async fn shutdown(&self) {
         self.accepting.store(false, Ordering::SeqCst);
+        for p in self.lock_preparing().values() {
+            p.stop.cancel();
+        }
         for entry in self.lock().values() {
             if let Some(running) = &entry.running {
                 running.control.cancel(false);
@@ -407,6 +647,12 @@ impl Builds {
         }
         self.tasks.close();
         self.tasks.wait().await;
+    }
+
+    fn held(&self, build: &BuildId, held: (wire::ExitStatus, wire::EndCause, u64)) {
+        if let Some(running) = self.lock().get_mut(build).and_then(|e| e.running.as_mut()) {
+            running.held = Some(held);
+        }
     }
 
     fn finished(&self, build: &BuildId, exited: &wire::Exited) {
@@ -424,10 +670,36 @@ impl Builds {
     }
 }
 
+fn start_error(req: RequestId, e: StartError) -> ErrorReport {
+    let kind = match &e {
+        StartError::NotFound { .. } => ErrorKind::CommandNotFound,
+        StartError::NotExecutable { .. } => ErrorKind::NotExecutable,
+        StartError::NoShell => ErrorKind::CommandNotFound,
+        StartError::EmptyCommand | StartError::Nul | StartError::BadWorkdir { .. } | StartError::IdInUse(_) => {
+            ErrorKind::BadRequest
+        }
+        StartError::BuildDir(_) | StartError::Spool(_) | StartError::Io(_) => ErrorKind::Internal,
+    };
+    error(Some(req), None, kind, e.to_string())
+}
+
 async fn forward(builds: Arc<Builds>, id: BuildId, mut events: mpsc::Receiver<BuildEvent>, feed: Arc<Feed>) {
     while let Some(event) = events.recv().await {
         match event {
             BuildEvent::Output(chunk) => feed.publish(chunk),
+            BuildEvent::Held(h) => {
+                let status = convert::exit_status(h.status);
+                let cause = convert::end_cause(h.cause);
+                let until_ms = now_ms().saturating_add(h.hold.as_millis() as u64);
+                tracing::info!(build = %id, ?status, ?cause, hold = ?h.hold, "build held");
+                builds.held(&id, (status, cause, until_ms));
+                feed.hold(DaemonMessage::Held {
+                    build: id.clone(),
+                    status,
+                    cause,
+                    until_ms,
+                });
+            }
             BuildEvent::Finished(outcome) => {
                 let exited = convert::exited(id.clone(), &outcome);
                 tracing::info!(build = %id, status = ?exited.status, cause = ?exited.cause, duration_ms = exited.duration_ms, "build finished");

@@ -17,6 +17,11 @@ pub fn path_bytes(p: &std::path::Path) -> wire::Bytes {
     wire::Bytes::from(p.as_os_str().as_bytes().to_vec())
 }
 
+/// A path sent as bytes.
+pub fn path(b: &wire::Bytes) -> PathBuf {
+    PathBuf::from(os(b))
+}
+
 /// A wire run request as an executor spec.
 pub fn build_spec(spec: &wire::RunSpec) -> BuildSpec {
     BuildSpec {
@@ -34,6 +39,7 @@ pub fn build_spec(spec: &wire::RunSpec) -> BuildSpec {
         timeout: spec.timeout_ms.map(Duration::from_millis),
         grace: spec.grace_ms.map(Duration::from_millis),
         stdin: spec.stdin,
+        hold_after: spec.hold_after_ms.map(Duration::from_millis),
     }
 }
 
@@ -66,8 +72,9 @@ pub fn stream_from_wire(s: wire::OutputStream) -> Stream {
     }
 }
 
-pub fn exited(build: wire::BuildId, o: &BuildOutcome) -> wire::Exited {
-    let status = match o.status {
+/// A process status for the wire.
+pub fn exit_status(status: Option<ChildStatus>) -> wire::ExitStatus {
+    match status {
         Some(ChildStatus::Exited(code)) => wire::ExitStatus::Code(code),
         Some(ChildStatus::Signaled { signal, core_dumped }) => wire::ExitStatus::Signal { signal, core_dumped },
         // The reaper vanished (hard shutdown): report it as killed, which it will be.
@@ -75,15 +82,30 @@ pub fn exited(build: wire::BuildId, o: &BuildOutcome) -> wire::Exited {
             signal: libc::SIGKILL,
             core_dumped: false,
         },
-    };
+    }
+}
+
+/// A wire status as a process status (a release choosing how a held build finishes).
+pub fn child_status(status: wire::ExitStatus) -> ChildStatus {
+    match status {
+        wire::ExitStatus::Code(code) => ChildStatus::Exited(code),
+        wire::ExitStatus::Signal { signal, core_dumped } => ChildStatus::Signaled { signal, core_dumped },
+    }
+}
+
+pub fn end_cause(cause: EndCause) -> wire::EndCause {
+    match cause {
+        EndCause::Completed => wire::EndCause::Completed,
+        EndCause::Cancelled => wire::EndCause::Cancelled,
+        EndCause::TimedOut => wire::EndCause::TimedOut,
+    }
+}
+
+pub fn exited(build: wire::BuildId, o: &BuildOutcome) -> wire::Exited {
     wire::Exited {
         build,
-        status,
-        cause: match o.cause {
-            EndCause::Completed => wire::EndCause::Completed,
-            EndCause::Cancelled => wire::EndCause::Cancelled,
-            EndCause::TimedOut => wire::EndCause::TimedOut,
-        },
+        status: exit_status(o.status),
+        cause: end_cause(o.cause),
         duration_ms: o.duration.as_millis() as u64,
         stdout_bytes: o.stdout_bytes,
         stderr_bytes: o.stderr_bytes,

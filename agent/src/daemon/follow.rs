@@ -45,6 +45,8 @@ struct Follower {
     out: Outbox,
     /// The next position this follower is to be sent.
     pos: u64,
+    /// Whether it was sent the build's `Held`.
+    told_held: bool,
 }
 
 #[derive(Default)]
@@ -52,6 +54,8 @@ struct State {
     live: Vec<Follower>,
     /// Positions below this were published (spooled and offered to live followers).
     end: u64,
+    /// Set once every chunk was published and the build is held (until it exits).
+    held: Option<DaemonMessage>,
     /// Set once every chunk was published.
     exited: Option<wire::Exited>,
 }
@@ -98,8 +102,12 @@ impl Feed {
         if from > state.end {
             return Err(PastEnd { end: state.end });
         }
-        let follower = Follower { out, pos: from };
-        if mode == Mode::Follow && from == state.end && state.exited.is_none() {
+        let follower = Follower {
+            out,
+            pos: from,
+            told_held: false,
+        };
+        if mode == Mode::Follow && from == state.end && state.exited.is_none() && state.held.is_none() {
             state.live.push(follower);
             return Ok(());
         }
@@ -145,6 +153,32 @@ impl Feed {
             match f.out.try_data(msg) {
                 Ok(()) => {
                     f.pos = end;
+                    keep.push(f);
+                }
+                Err(Full::Behind) => behind.push(f),
+                Err(Full::Gone) => {}
+            }
+        }
+        state.live = keep;
+        drop(state);
+        for f in behind {
+            self.catch_up(f, Mode::Follow, end);
+        }
+    }
+
+    /// The build is held: every chunk was published. Live followers get `Held` (on a
+    /// catch-up thread when their queue is full) and stay for `Exited`.
+    pub fn hold(self: &Arc<Self>, held: DaemonMessage) {
+        let mut state = self.lock();
+        state.held = Some(held.clone());
+        let end = state.end;
+        let live = std::mem::take(&mut state.live);
+        let mut keep = Vec::with_capacity(live.len());
+        let mut behind = Vec::new();
+        for mut f in live {
+            match f.out.try_data(held.clone()) {
+                Ok(()) => {
+                    f.told_held = true;
                     keep.push(f);
                 }
                 Err(Full::Behind) => behind.push(f),
@@ -209,11 +243,23 @@ impl Feed {
                             build: self.build.clone(),
                             position: f.pos,
                         },
-                        (_, Mode::Follow) => {
-                            // At the published end of a running build: live from here.
-                            state.live.push(f);
-                            return;
-                        }
+                        (_, Mode::Follow) => match &state.held {
+                            Some(held) if !f.told_held => {
+                                // Told outside the lock; then the state is looked at again.
+                                let held = held.clone();
+                                drop(state);
+                                f.told_held = true;
+                                if !f.out.blocking_data(held) {
+                                    return;
+                                }
+                                continue;
+                            }
+                            _ => {
+                                // At the published end of a running build: live from here.
+                                state.live.push(f);
+                                return;
+                            }
+                        },
                     };
                     drop(state);
                     f.out.blocking_data(last);

@@ -9,11 +9,14 @@
 pub mod builds;
 pub mod connection;
 pub mod convert;
+pub mod download;
 pub mod follow;
 pub mod outbox;
+pub mod prepare;
 pub mod session;
 pub mod socket;
 pub mod tty;
+pub mod upload;
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
@@ -46,6 +49,11 @@ pub struct ServeOptions {
     /// Ping interval, and how long a silent client's session lives.
     pub heartbeat: Duration,
     pub heartbeat_timeout: Duration,
+    /// Readiness gates every build waits for (`--wait-for`), and how long at most.
+    pub wait_for: Vec<String>,
+    pub wait_timeout: Duration,
+    /// Caps on one archive (upload, fetched archive) and on a fetched body.
+    pub unpack: tether_executor::transfer::UnpackLimits,
 }
 
 /// State shared by every session.
@@ -90,6 +98,18 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         build_quota: opts.quota_build,
         total_quota: opts.quota_total,
     };
+    let gates = opts
+        .wait_for
+        .iter()
+        .map(|g| tether_executor::gate::Gate::parse(g))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("--wait-for: {e}"))?;
+    let fetch_limits = tether_executor::fetch::FetchLimits {
+        max_bytes: opts.unpack.max_bytes,
+        unpack: opts.unpack,
+        ..Default::default()
+    };
+    let fetcher = tether_executor::fetch::Fetcher::new(fetch_limits).context("cannot set up HTTP")?;
     let (executor, swept) = Executor::new(config).context("cannot start the executor")?;
     for dir in &swept.removed_instances {
         tracing::info!(dir = %dir.display(), "removed the state of a daemon that died");
@@ -101,13 +121,20 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     tracing::info!(state = %state.display(), pid = std::process::id(), "tether serve started");
 
     let daemon = Arc::new(Daemon {
-        builds: Builds::new(executor.clone(), u64::from(wire::DEFAULT_STDIN_WINDOW), opts.retain),
+        builds: Builds::new(
+            executor.clone(),
+            prepare::PrepContext::new(fetcher, gates, opts.wait_timeout, opts.unpack),
+            u64::from(wire::DEFAULT_STDIN_WINDOW),
+            u64::from(wire::DEFAULT_UPLOAD_WINDOW),
+            opts.retain,
+        ),
         version: env!("CARGO_PKG_VERSION").to_owned(),
         limits: wire::Limits {
             max_payload: wire::MAX_PAYLOAD as u32,
             max_chunk: wire::MAX_CHUNK as u32,
             stdin_window: wire::DEFAULT_STDIN_WINDOW,
             heartbeat_ms: opts.heartbeat.as_millis().clamp(1, u32::MAX as u128) as u32,
+            upload_window: wire::DEFAULT_UPLOAD_WINDOW,
         },
         heartbeat: opts.heartbeat.max(Duration::from_millis(1)),
         heartbeat_timeout: opts.heartbeat_timeout,

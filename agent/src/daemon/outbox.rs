@@ -66,6 +66,12 @@ impl Outbox {
         !matches!(self.control.try_send(msg), Err(mpsc::error::TrySendError::Closed(_)))
     }
 
+    /// Queues a control message, blocking this thread while the queue is full; false
+    /// once the session is gone. Only for threads outside the runtime.
+    pub fn blocking_control(&self, msg: DaemonMessage) -> bool {
+        self.control.blocking_send(msg).is_ok()
+    }
+
     /// Queues a data message if there is room now.
     pub fn try_data(&self, msg: DaemonMessage) -> Result<(), Full> {
         self.data.try_send(msg).map_err(|e| match e {

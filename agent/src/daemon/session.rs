@@ -4,6 +4,7 @@
 //! the same stream (takeover), or when the connection fails. Ending a session never
 //! touches builds: they outlive their clients.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use tether_protocol::{
@@ -11,6 +12,7 @@ use tether_protocol::{
 };
 
 use super::outbox::Outbox;
+use super::upload::{RouteError, UploadRoute};
 use super::Daemon;
 
 pub struct Session {
@@ -18,6 +20,9 @@ pub struct Session {
     daemon: Arc<Daemon>,
     out: Outbox,
     greeted: bool,
+    /// Uploads of this session's preparing runs, by the run's request id. Dropped with
+    /// the session, which ends those uploads (and fails their runs).
+    uploads: HashMap<RequestId, UploadRoute>,
 }
 
 impl Session {
@@ -27,6 +32,7 @@ impl Session {
             daemon,
             out,
             greeted: false,
+            uploads: HashMap::new(),
         }
     }
 
@@ -60,7 +66,7 @@ impl Session {
                 self.out.control(DaemonMessage::Pong { nonce }).await;
             }
             ClientMessage::Pong { .. } => {}
-            ClientMessage::Run { req, spec, follow } => self.on_run(req, spec, follow).await,
+            ClientMessage::Run { req, spec, follow } => self.on_run(req, *spec, follow).await,
             ClientMessage::Attach {
                 req,
                 build,
@@ -91,6 +97,38 @@ impl Session {
                 let builds = self.daemon.builds.summaries(all);
                 self.out.control(DaemonMessage::Builds { req, builds }).await;
             }
+            ClientMessage::Upload { req, index, data } => {
+                let result = match self.uploads.get_mut(&req) {
+                    Some(route) => route.data(index, data.into_vec()),
+                    None => Err(RouteError::Closed),
+                };
+                self.on_route(req, result.map(|()| false)).await;
+            }
+            ClientMessage::UploadEnd {
+                req,
+                index,
+                bytes,
+                sha256,
+            } => {
+                let result = match self.uploads.get_mut(&req) {
+                    Some(route) => route.end(index, bytes, sha256),
+                    None => Err(RouteError::Closed),
+                };
+                self.on_route(req, result).await;
+            }
+            ClientMessage::Download { req, build, path } => {
+                if let Err(e) = self.daemon.builds.download(req, &build, path, self.out.clone()) {
+                    self.out.control(DaemonMessage::Error(e)).await;
+                }
+            }
+            ClientMessage::Release { req, build, status } => match self.daemon.builds.release(req, &build, status) {
+                Ok(()) => {
+                    self.out.control(DaemonMessage::Ack { req }).await;
+                }
+                Err(e) => {
+                    self.out.control(DaemonMessage::Error(e)).await;
+                }
+            },
             ClientMessage::Cancel { req, build, force } => match self.daemon.builds.cancel(req, &build, force) {
                 Ok(()) => {
                     self.out.control(DaemonMessage::Ack { req }).await;
@@ -121,9 +159,32 @@ impl Session {
         self.out.control(DaemonMessage::Welcome(welcome)).await;
     }
 
+    /// After an upload piece: `Ok(true)` when the run's uploads are all in.
+    async fn on_route(&mut self, req: RequestId, result: Result<bool, RouteError>) {
+        match result {
+            Ok(false) => {}
+            Ok(true) => {
+                self.uploads.remove(&req);
+            }
+            // The preparation already failed and said so; the rest of the upload is moot.
+            Err(RouteError::Closed) => {
+                self.uploads.remove(&req);
+            }
+            Err(e) => {
+                // The upload is over: its run's preparation fails on the closed feed.
+                self.uploads.remove(&req);
+                tracing::warn!(session = self.id, req, error = %e, "upload refused");
+                self.error(Some(req), None, ErrorKind::Protocol, e.to_string()).await;
+            }
+        }
+    }
+
     async fn on_run(&mut self, req: RequestId, spec: wire::RunSpec, follow: bool) {
         match self.daemon.builds.start(req, &spec, follow, self.out.clone()).await {
-            Ok(()) => {}
+            Ok(Some(route)) => {
+                self.uploads.insert(req, route);
+            }
+            Ok(None) => {}
             Err(e) => {
                 tracing::info!(session = self.id, error = %e.message, "build not started");
                 self.out.control(DaemonMessage::Error(e)).await;

@@ -237,10 +237,10 @@ fn one(ctx: &Ctx, n: usize) -> anyhow::Result<(Pings, Pings, Duration)> {
 
     link.send(&ClientMessage::Run {
         req: 1,
-        spec: RunSpec {
+        spec: Box::new(RunSpec {
             id: Some(FLOOD.to_owned()),
             ..argv_spec(&["cat", "/dev/zero"])
-        },
+        }),
         follow: true,
     })?;
     // Until the flood flows: 64 MiB read.

@@ -233,7 +233,7 @@ impl Session {
         let deadline = t0 + timeout;
         self.send(&ClientMessage::Run {
             req,
-            spec,
+            spec: Box::new(spec),
             follow: true,
         })
         .with_context(|| format!("sending Run {req}"))?;

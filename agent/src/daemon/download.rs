@@ -1,0 +1,83 @@
+//! Downloads: a path of a running or held build's work dir, sent as a tar stream.
+//!
+//! A thread of the blocking pool packs the path (`tether_executor::transfer::pack_as`:
+//! symlinks are sent as symlinks, never followed) straight into `DownloadData` frames of
+//! the session's data queue, hashing as it goes, and ends with `DownloadEnd` (byte count
+//! and SHA-256, which the client compares with what it received) or an error naming the
+//! path. The queue is bounded, so a slow client slows the packing, never the daemon's
+//! memory.
+
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use tether_executor::transfer::{pack_as, relative_inside};
+use tether_protocol::{self as wire, BuildId, DaemonMessage, ErrorKind, ErrorReport, RequestId};
+
+use super::outbox::Outbox;
+use crate::chunks::Chunker;
+
+/// Sends `path` of the work dir `work` to `out` as download `req`, on a blocking thread.
+pub fn start(req: RequestId, build: BuildId, work: PathBuf, path: wire::Bytes, out: Outbox) {
+    tokio::task::spawn_blocking(move || {
+        let shown = String::from_utf8_lossy(&path).into_owned();
+        let result = send(req, &work, Path::new(std::ffi::OsStr::from_bytes(&path)), &out);
+        let msg = match result {
+            Ok((bytes, sha256)) => {
+                tracing::info!(build = %build, path = %shown, bytes, "download sent");
+                DaemonMessage::DownloadEnd { req, bytes, sha256 }
+            }
+            Err(e) => {
+                tracing::info!(build = %build, path = %shown, error = %e, "download failed");
+                DaemonMessage::Error(ErrorReport {
+                    req: Some(req),
+                    build: Some(build),
+                    kind: ErrorKind::Transfer,
+                    message: format!("download of {shown:?} failed: {e}"),
+                })
+            }
+        };
+        out.blocking_data(msg);
+    });
+}
+
+/// The path's name in the archive: its last component (`cp -r PATH dest/`), or none
+/// for the work dir itself (`.`: its contents).
+pub fn archive_name(rel: &Path) -> Option<&Path> {
+    rel.file_name().map(Path::new)
+}
+
+fn send(req: RequestId, work: &Path, path: &Path, out: &Outbox) -> Result<(u64, wire::Digest), String> {
+    let rel = relative_inside(path)?;
+    let src = work.join(&rel);
+    // The parent must resolve inside the work dir; the last component is packed as it
+    // is (a symlink stays a symlink).
+    let parent = src.parent().unwrap_or(work);
+    let real_parent = parent
+        .canonicalize()
+        .map_err(|e| format!("no such path in the build's work dir ({e})"))?;
+    let real_work = work
+        .canonicalize()
+        .map_err(|e| format!("the build's work dir is gone ({e})"))?;
+    if !real_parent.starts_with(&real_work) {
+        return Err("the path leads outside the build's work dir".into());
+    }
+    let src = match src.file_name() {
+        Some(name) if !rel.as_os_str().is_empty() => real_parent.join(name),
+        _ => real_work,
+    };
+    std::fs::symlink_metadata(&src).map_err(|e| format!("no such path in the build's work dir ({e})"))?;
+    let mut sink = Chunker::new(|data: Vec<u8>| {
+        let msg = DaemonMessage::DownloadData {
+            req,
+            data: wire::Bytes::from(data),
+        };
+        if out.blocking_data(msg) {
+            Ok(())
+        } else {
+            Err(io::Error::new(io::ErrorKind::BrokenPipe, "the client's session ended"))
+        }
+    });
+    pack_as(&src, archive_name(&rel), &[], &mut sink).map_err(|e| e.to_string())?;
+    sink.finish().map_err(|e| e.to_string())
+}
