@@ -195,6 +195,7 @@ fn unknown_builds_and_bad_requests_are_answered_with_their_kinds() {
     assert_eq!((e.kind, e.req), (ErrorKind::UnknownBuild, Some(5)), "{e:?}");
     d.send(&ClientMessage::Stdin {
         build: nobody,
+        offset: 0,
         data: b"x".as_slice().into(),
     });
     let e = expect_error(&mut d);

@@ -526,3 +526,24 @@ fn the_client_refuses_every_hostile_download() {
     assert_eq!(f.code(), 3, "stderr: {}", f.stderr_text());
     assert_eq!(fs::read(dest.join("out/report.txt")).unwrap(), b"fine");
 }
+
+#[test]
+fn a_damaged_stdin_frame_cancels_the_build_instead_of_feeding_it_a_hole() {
+    let t = tempfile::tempdir().unwrap();
+    let input = t.path().join("input");
+    fs::write(&input, pseudo_random(300_000, 9)).unwrap();
+    let state = t.path().join("state");
+    let via = format!(
+        "exec {} -- {}",
+        shell_quote(OsStr::new(env!("CARGO_BIN_EXE_flip"))),
+        via_serve(&state).trim_start_matches("exec ")
+    );
+    let mut cmd = integration_tests::tether(["run", "-i", "--no-reconnect", "--via", &via, "--sh", "wc -c"]);
+    cmd.stdin(fs::File::open(&input).unwrap());
+    let f = integration_tests::Proc::spawn(&mut cmd).finish(integration_tests::TIMEOUT);
+    let err = f.stderr_text();
+    assert!(err.contains("flip: flipped byte"), "nothing was flipped; stderr: {err}");
+    assert!(err.contains("lost in transit"), "stderr: {err}");
+    assert_eq!(f.code(), 125, "stdout: {} stderr: {err}", f.stdout_text());
+    assert_ne!(f.stdout_text().trim(), "234464", "the build ran on the damaged input");
+}

@@ -30,6 +30,7 @@ fn client_messages() -> Vec<ClientMessage> {
         },
         ClientMessage::Stdin {
             build: BuildId("build-1".into()),
+            offset: 0,
             data: Bytes::from(b"input\n".to_vec()),
         },
         ClientMessage::CloseStdin {

@@ -46,8 +46,11 @@ pub enum ClientMessage {
         follow: bool,
     },
     /// Tag 4. Bytes for a build's stdin (only for builds started with `stdin: true`).
-    /// At most [`crate::MAX_CHUNK`] bytes.
-    Stdin { build: BuildId, data: Bytes },
+    /// At most [`crate::MAX_CHUNK`] bytes. `offset` is the position of `data[0]` in the
+    /// build's stdin stream: a daemon that sees one that is not where the previous piece
+    /// ended knows input was lost in transit (a damaged frame it skipped) and cancels
+    /// the build rather than run it on incomplete input.
+    Stdin { build: BuildId, offset: u64, data: Bytes },
     /// Tag 5. End of the build's stdin.
     CloseStdin { build: BuildId },
     /// Tag 6. Stop a build: SIGTERM to its process group, SIGKILL after its grace period,

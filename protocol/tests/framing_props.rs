@@ -145,7 +145,7 @@ fn client_message() -> impl Strategy<Value = ClientMessage> {
             from,
             follow
         }),
-        (build_id(), bytes()).prop_map(|(build, data)| ClientMessage::Stdin { build, data }),
+        (build_id(), int(), bytes()).prop_map(|(build, offset, data)| ClientMessage::Stdin { build, offset, data }),
         build_id().prop_map(|build| ClientMessage::CloseStdin { build }),
         (int(), build_id(), any::<bool>()).prop_map(|(req, build, force)| ClientMessage::Cancel { req, build, force }),
         (int(), int32(), bytes()).prop_map(|(req, index, data)| ClientMessage::Upload { req, index, data }),

@@ -182,10 +182,12 @@ fn client_messages() -> Vec<ClientMessage> {
         },
         ClientMessage::Stdin {
             build: build("b-1"),
+            offset: 0,
             data: b(b""),
         },
         ClientMessage::Stdin {
             build: build("b-1"),
+            offset: u64::MAX - 1,
             data: Bytes::from(vec![0xF4; MAX_CHUNK]),
         },
         ClientMessage::CloseStdin { build: build("b-1") },
@@ -839,9 +841,10 @@ fn field_order_of_structs() {
     assert_eq!(
         payload(&ClientMessage::Stdin {
             build: build("b"),
+            offset: 300,
             data: b(b"in")
         }),
-        [4, 1, b'b', 2, b'i', b'n']
+        [4, 1, b'b', 251, 0x2c, 0x01, 2, b'i', b'n']
     );
     assert_eq!(payload(&ClientMessage::CloseStdin { build: build("b") }), [5, 1, b'b']);
     assert_eq!(
@@ -892,19 +895,19 @@ fn trailing_bytes_are_an_error() {
 #[test]
 fn undecodable_payloads_are_decode_errors() {
     let bad_client: Vec<Vec<u8>> = vec![
-        vec![],                                        // empty
-        vec![CLIENT_TAGS],                             // unknown tag
-        vec![250],                                     // unknown tag
-        vec![251, 0, 1],                               // unknown tag, u16 form
-        vec![255],                                     // invalid varint marker
-        vec![1],                                       // Ping without its nonce
-        vec![1, 252, 0, 0],                            // nonce cut short
-        vec![6, 1, 1, b'b', 2],                        // Cancel with force = 2
-        vec![0, 1, 2, 0xff, 0xfe, 0],                  // Hello with invalid UTF-8
-        vec![5, 252, 0, 0, 0, 0x10],                   // CloseStdin with a 256 MiB build id
-        vec![4, 1, b'b', 253, 0, 0, 0, 0, 0, 0, 0, 1], // Stdin claiming 2^56 bytes
-        vec![3, 1, 2],                                 // Run with CommandSpec tag 2
-        vec![3, 1, 0, 0, 0, 2],                        // Run with workdir Option tag 2
+        vec![],                                           // empty
+        vec![CLIENT_TAGS],                                // unknown tag
+        vec![250],                                        // unknown tag
+        vec![251, 0, 1],                                  // unknown tag, u16 form
+        vec![255],                                        // invalid varint marker
+        vec![1],                                          // Ping without its nonce
+        vec![1, 252, 0, 0],                               // nonce cut short
+        vec![6, 1, 1, b'b', 2],                           // Cancel with force = 2
+        vec![0, 1, 2, 0xff, 0xfe, 0],                     // Hello with invalid UTF-8
+        vec![5, 252, 0, 0, 0, 0x10],                      // CloseStdin with a 256 MiB build id
+        vec![4, 1, b'b', 0, 253, 0, 0, 0, 0, 0, 0, 0, 1], // Stdin claiming 2^56 bytes
+        vec![3, 1, 2],                                    // Run with CommandSpec tag 2
+        vec![3, 1, 0, 0, 0, 2],                           // Run with workdir Option tag 2
     ];
     for p in bad_client {
         let r = decode_framed::<ClientMessage>(&p);
@@ -932,10 +935,12 @@ fn undecodable_payloads_are_decode_errors() {
 
 #[test]
 fn largest_message_fits_and_one_more_byte_does_not() {
-    // Stdin payload: tag (1) + build id "b" (1 + 1) + data length (5: 252 + u32) + data.
-    let n = MAX_PAYLOAD - 8;
+    // Stdin payload: tag (1) + build id "b" (1 + 1) + offset 0 (1) + data length (5: 252
+    // + u32) + data.
+    let n = MAX_PAYLOAD - 9;
     let fits = ClientMessage::Stdin {
         build: build("b"),
+        offset: 0,
         data: Bytes::from(vec![1; n]),
     };
     let mut out = b"keep".to_vec();
@@ -945,6 +950,7 @@ fn largest_message_fits_and_one_more_byte_does_not() {
 
     let too_big = ClientMessage::Stdin {
         build: build("b"),
+        offset: 0,
         data: Bytes::from(vec![1; n + 1]),
     };
     let mut out = b"keep".to_vec();
@@ -1028,8 +1034,8 @@ fn every_payload_that_fits_decodes() {
 
 #[test]
 fn a_lying_length_is_refused_before_allocating() {
-    // Stdin whose data claims 2^40 bytes in a 12-byte payload.
-    let p = [4, 1, b'b', 253, 0, 0, 0, 0, 0, 1, 0, 0];
+    // Stdin (offset 0) whose data claims 2^40 bytes in a 13-byte payload.
+    let p = [4, 1, b'b', 0, 253, 0, 0, 0, 0, 0, 1, 0, 0];
     let r = decode_framed::<ClientMessage>(&p);
     assert!(
         matches!(r, Err(DecodeError::Decode(bincode::error::DecodeError::LimitExceeded))),

@@ -304,8 +304,9 @@ async fn session(
                 let (Some(s), Some(b)) = (&mut stdin, &progress.build) else { continue };
                 match chunk {
                     Some(data) => {
+                        let offset = s.sent;
                         s.sent += data.len() as u64;
-                        conn.writer.send(&ClientMessage::Stdin { build: b.clone(), data: wire::Bytes::from(data) }).await?;
+                        conn.writer.send(&ClientMessage::Stdin { build: b.clone(), offset, data: wire::Bytes::from(data) }).await?;
                     }
                     None => {
                         s.open = false;
@@ -636,6 +637,11 @@ async fn on_message(
             }
             eprintln!("tether: {}", e.message);
             return Ok(Some(code));
+        }
+        DaemonMessage::Error(e) if e.kind == ErrorKind::Protocol && e.build.as_ref().is_some_and(ours) => {
+            // Our build's input was damaged in transit: it is being cancelled.
+            eprintln!("tether: {}", e.message);
+            progress.transfer_failed = true;
         }
         DaemonMessage::Error(e) if e.kind == ErrorKind::Protocol => {
             tracing::warn!("daemon: {}", e.message);

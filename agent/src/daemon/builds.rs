@@ -37,11 +37,20 @@ enum StdinCmd {
 
 struct Running {
     control: BuildControl,
-    stdin: Option<(mpsc::UnboundedSender<StdinCmd>, Arc<AtomicU64>)>,
+    stdin: Option<StdinRoute>,
     /// The build's private work dir (for downloads).
     work_root: std::path::PathBuf,
     /// Set while the build is held: its status, cause and the hold's end.
     held: Option<(wire::ExitStatus, wire::EndCause, u64)>,
+}
+
+/// Where a build's stdin pieces go.
+struct StdinRoute {
+    tx: mpsc::UnboundedSender<StdinCmd>,
+    /// Bytes queued and not yet written to the pipe (the window).
+    pending: Arc<AtomicU64>,
+    /// The stream position the next piece must start at.
+    next: u64,
 }
 
 /// A run whose command has not started yet.
@@ -124,6 +133,15 @@ fn taken(req: RequestId, id: &BuildId, command: &str) -> ErrorReport {
         Some(id.clone()),
         ErrorKind::BadRequest,
         format!("build id {id} is taken by another command ({command:?}); choose another id"),
+    )
+}
+
+fn not_taking_stdin(build: &BuildId) -> ErrorReport {
+    error(
+        None,
+        Some(build.clone()),
+        ErrorKind::BadRequest,
+        "the build was not started with stdin, or has finished",
     )
 }
 
@@ -368,7 +386,7 @@ impl Builds {
             let pending = Arc::new(AtomicU64::new(0));
             self.tasks
                 .spawn(pump_stdin(id.clone(), pipe, rx, Arc::clone(&pending), out.clone()));
-            (tx, pending)
+            StdinRoute { tx, pending, next: 0 }
         });
         let feed = Feed::new(id.clone(), build.spool.clone());
         let shell = build.shell.as_deref().map(convert::path_bytes);
@@ -484,21 +502,31 @@ impl Builds {
         })
     }
 
-    /// Queues stdin bytes for a build, within its window.
-    pub fn stdin(&self, build: &BuildId, data: Vec<u8>) -> Result<(), ErrorReport> {
-        let entries = self.lock();
-        let entry = entries.get(build).ok_or_else(|| unknown(None, build))?;
-        let Some((tx, pending)) = entry.running.as_ref().and_then(|r| r.stdin.as_ref()) else {
-            return Err(error(
-                None,
-                Some(build.clone()),
-                ErrorKind::BadRequest,
-                "the build was not started with stdin, or has finished",
-            ));
+    /// Queues stdin bytes for a build, within its window. A piece that does not start
+    /// where the previous one ended means input was lost in transit: the build is
+    /// cancelled (it must not run on incomplete input) and the client told.
+    pub fn stdin(&self, build: &BuildId, offset: u64, data: Vec<u8>) -> Result<(), ErrorReport> {
+        let mut entries = self.lock();
+        let entry = entries.get_mut(build).ok_or_else(|| unknown(None, build))?;
+        let Some(running) = entry.running.as_mut() else {
+            return Err(not_taking_stdin(build));
         };
+        let Some(route) = running.stdin.as_mut() else {
+            return Err(not_taking_stdin(build));
+        };
+        if offset != route.next {
+            tracing::warn!(build = %build, expected = route.next, got = offset, "stdin lost in transit; cancelling the build");
+            let message = format!(
+                "stdin bytes {}..{offset} of build {build} were lost in transit (a damaged frame); the build is cancelled",
+                route.next
+            );
+            running.stdin = None;
+            running.control.cancel(true);
+            return Err(error(None, Some(build.clone()), ErrorKind::Protocol, message));
+        }
         let len = data.len() as u64;
-        if pending.fetch_add(len, Ordering::SeqCst) + len > self.stdin_window {
-            pending.fetch_sub(len, Ordering::SeqCst);
+        if route.pending.fetch_add(len, Ordering::SeqCst) + len > self.stdin_window {
+            route.pending.fetch_sub(len, Ordering::SeqCst);
             return Err(error(
                 None,
                 Some(build.clone()),
@@ -506,8 +534,9 @@ impl Builds {
                 "stdin window exceeded; data dropped",
             ));
         }
+        route.next += len;
         // A closed pump means the build is finishing; the data has nowhere to go.
-        let _ = tx.send(StdinCmd::Data(data));
+        let _ = route.tx.send(StdinCmd::Data(data));
         Ok(())
     }
 
@@ -515,8 +544,8 @@ impl Builds {
     pub fn close_stdin(&self, build: &BuildId) -> Result<(), ErrorReport> {
         let entries = self.lock();
         let entry = entries.get(build).ok_or_else(|| unknown(None, build))?;
-        if let Some((tx, _)) = entry.running.as_ref().and_then(|r| r.stdin.as_ref()) {
-            let _ = tx.send(StdinCmd::Close);
+        if let Some(route) = entry.running.as_ref().and_then(|r| r.stdin.as_ref()) {
+            let _ = route.tx.send(StdinCmd::Close);
         }
         Ok(())
     }

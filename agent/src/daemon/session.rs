@@ -78,8 +78,8 @@ impl Session {
                     self.out.control(DaemonMessage::Error(e)).await;
                 }
             }
-            ClientMessage::Stdin { build, data } => {
-                if let Err(e) = self.daemon.builds.stdin(&build, data.into_vec()) {
+            ClientMessage::Stdin { build, offset, data } => {
+                if let Err(e) = self.daemon.builds.stdin(&build, offset, data.into_vec()) {
                     self.out.control(DaemonMessage::Error(e)).await;
                 }
             }

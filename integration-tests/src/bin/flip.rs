@@ -339,6 +339,7 @@ mod tests {
             .collect();
         ClientMessage::Stdin {
             build: BuildId("b1".into()),
+            offset: 0,
             data: Bytes::from(data),
         }
     }

@@ -72,6 +72,7 @@ fn ping(nonce: u64) -> ClientMessage {
 fn stdin_msg(data: Vec<u8>) -> ClientMessage {
     ClientMessage::Stdin {
         build: BuildId("b1".into()),
+        offset: 0,
         data: data.into(),
     }
 }
@@ -656,7 +657,7 @@ fn takeover_at_every_offset_of_a_2000_byte_frame() {
             trap(&mut data, MAX_PAYLOAD as u32);
         }
     }
-    data.resize(1993, b'.');
+    data.resize(1992, b'.');
     let whole = frame_of(&stdin_msg(data));
     assert_eq!(whole.len() - FRAME_HEADER_LEN, 2000);
     for k in 0..=whole.len() {
