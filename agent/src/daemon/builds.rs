@@ -237,7 +237,8 @@ impl Builds {
         if build_spec.id.is_none() {
             build_spec.id = Some(self.fresh_id(spec.name.as_deref()));
         }
-        if spec.prepares() {
+        // The daemon's own readiness gates hold every build until they opened once.
+        if spec.prepares() || !self.prep.daemon_gates.borrow().open {
             return self.prepare(req, spec, build_spec, follow, out).await;
         }
         let build = self.executor.start(build_spec).map_err(|e| start_error(req, e))?;
