@@ -547,3 +547,42 @@ fn a_damaged_stdin_frame_cancels_the_build_instead_of_feeding_it_a_hole() {
     assert_eq!(f.code(), 125, "stdout: {} stderr: {err}", f.stdout_text());
     assert_ne!(f.stdout_text().trim(), "234464", "the build ran on the damaged input");
 }
+
+#[test]
+fn a_progress_bar_is_drawn_on_a_terminal_and_nowhere_else() {
+    use std::os::fd::AsFd;
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("data.bin"), pseudo_random(32 << 20, 5)).unwrap();
+    let state = t.path().join("state");
+    let via = via_serve(&state);
+    let args = ["run", "--via", &via, "--upload", src.to_str().unwrap(), "--sh", "true"];
+
+    let pty = nix::pty::openpty(None, None).expect("openpty");
+    let mut cmd = integration_tests::tether(args);
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::from(
+            pty.slave.as_fd().try_clone_to_owned().unwrap(),
+        ));
+    let mut child = cmd.spawn().unwrap();
+    // Only the client (and its daemon) may hold the terminal, or it never reads EOF.
+    drop(cmd);
+    drop(pty.slave);
+    let screen = integration_tests::Collector::spawn(fs::File::from(pty.master));
+    let st = integration_tests::wait_child(&mut child, integration_tests::TIMEOUT).expect("the client exits");
+    assert_eq!(st.code(), Some(0));
+    // The terminal reads EOF once the client and its daemon are gone: all it drew is in.
+    assert!(screen.wait_eof(integration_tests::TIMEOUT), "the terminal stayed open");
+    let drawn = screen.text();
+    assert!(
+        drawn.contains("upload") && drawn.contains("ETA") && drawn.contains("/s"),
+        "no progress bar on the terminal: {drawn:?}"
+    );
+
+    // The same run with stderr a pipe: not a byte of it.
+    let f = run(&args[1..]);
+    assert_eq!(f.code(), 0);
+    assert_eq!(f.stderr_text(), "", "a progress bar went to a pipe");
+}
