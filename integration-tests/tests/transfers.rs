@@ -586,3 +586,101 @@ fn a_progress_bar_is_drawn_on_a_terminal_and_nowhere_else() {
     assert_eq!(f.code(), 0);
     assert_eq!(f.stderr_text(), "", "a progress bar went to a pipe");
 }
+
+#[test]
+fn downloads_of_the_whole_work_dir_and_of_a_directorys_contents() {
+    let t = tempfile::tempdir().unwrap();
+    let state = t.path().join("state");
+    let all = t.path().join("all");
+    let contents = t.path().join("contents");
+    let f = run(&[
+        "--via",
+        &via_serve(&state),
+        "--download",
+        &format!(".:{}", all.display()),
+        "--download",
+        &format!("d/.:{}", contents.display()),
+        "--sh",
+        "mkdir -p d/e && echo 1 > d/e/f && echo 2 > top",
+    ]);
+    assert_eq!(f.code(), 0, "stderr: {}", f.stderr_text());
+    assert_eq!(fs::read(all.join("top")).unwrap(), b"2\n");
+    assert_eq!(fs::read(all.join("d/e/f")).unwrap(), b"1\n");
+    assert_eq!(fs::read(contents.join("e/f")).unwrap(), b"1\n");
+    assert!(!contents.join("d").exists(), "DIR/. sends the contents, not DIR");
+}
+
+/// Starts a run with one upload on `serve` and waits for its `Preparing`.
+fn start_upload(serve: &mut Serve, req: u64) -> wire::BuildId {
+    let mut spec = integration_tests::script_spec("echo should-not-run");
+    spec.uploads = vec![wire::UploadSpec {
+        dest: wire::Bytes::from(b".".to_vec()),
+    }];
+    serve.send(&ClientMessage::Run {
+        req,
+        spec: Box::new(spec),
+        follow: true,
+    });
+    serve.wait_message(|m| match m {
+        DaemonMessage::Preparing { req: r, build } if *r == req => Some(build.clone()),
+        _ => None,
+    })
+}
+
+/// The builds the daemon lists (all states), asked on `serve`'s current session.
+fn listed(serve: &mut Serve, req: u64) -> Vec<wire::BuildSummary> {
+    serve.send(&ClientMessage::List { req, all: true });
+    serve.wait_message(|m| match m {
+        DaemonMessage::Builds { req: r, builds } if *r == req => Some(builds.clone()),
+        _ => None,
+    })
+}
+
+#[test]
+fn an_upload_that_breaks_off_fails_its_run_and_leaves_nothing_behind() {
+    let t = tempfile::tempdir().unwrap();
+    let state = t.path().join("state");
+    let mut serve = Serve::with_state_dir(&state, &["--log-level", "warn"]);
+    serve.expect_preamble();
+    serve.hello();
+
+    // A piece out of order: refused, and the run fails instead of waiting forever.
+    let build = start_upload(&mut serve, 1);
+    serve.send(&ClientMessage::Upload {
+        req: 1,
+        index: 1,
+        data: wire::Bytes::from(vec![0; 512]),
+    });
+    let mut kinds = Vec::new();
+    while kinds.len() < 2 {
+        serve.wait_message(|m| match m {
+            DaemonMessage::Error(e) if e.req == Some(1) => {
+                kinds.push(e.kind);
+                Some(())
+            }
+            DaemonMessage::Started(_) => panic!("the command started"),
+            _ => None,
+        });
+    }
+    assert_eq!(kinds, [ErrorKind::Protocol, ErrorKind::Transfer]);
+    assert!(listed(&mut serve, 2).iter().all(|b| b.build != build));
+
+    // The client goes away mid-upload (another client takes the stream over): the
+    // preparation ends with its session, and its directory goes.
+    let build = start_upload(&mut serve, 3);
+    serve.send(&ClientMessage::Upload {
+        req: 3,
+        index: 0,
+        data: wire::Bytes::from(vec![0; 512]),
+    });
+    serve.hello();
+    let mut req = 10;
+    assert!(
+        integration_tests::wait_until(integration_tests::TIMEOUT, || {
+            req += 1;
+            listed(&mut serve, req).iter().all(|b| b.build != build)
+        }),
+        "the preparation outlived its session"
+    );
+    assert_no_build_dirs(&state);
+}

@@ -320,7 +320,12 @@ impl Builds {
                     format!("build {id} was cancelled before its command started"),
                 )),
             };
-            builds.prepared(req, id, &spec, prepared, result, follow, out).await;
+            builds.prepared(req, id.clone(), &spec, prepared, result, follow, out).await;
+            if stop.is_cancelled() {
+                // A cancel that came after the preparation succeeded, before the build
+                // was entered as running: it is the build's now.
+                let _ = builds.cancel(0, &id, false);
+            }
             done.cancel();
         });
         Ok(route)
@@ -609,27 +614,33 @@ impl Builds {
         Ok(())
     }
 
-    /// Cancels one running build.
+    /// Cancels one running build (or one still preparing).
     pub fn cancel(&self, req: RequestId, build: &BuildId, force: bool) -> Result<(), ErrorReport> {
-        if let Some(p) = self.lock_preparing().get(build) {
-            tracing::info!(build = %build, "cancelling a build before its command started");
-            p.stop.cancel();
-            return Ok(());
+        {
+            let entries = self.lock();
+            if let Some(entry) = entries.get(build) {
+                return match &entry.running {
+                    Some(running) => {
+                        tracing::info!(build = %build, force, "cancelling build");
+                        running.control.cancel(force);
+                        Ok(())
+                    }
+                    None => Err(error(
+                        Some(req),
+                        Some(build.clone()),
+                        ErrorKind::BadRequest,
+                        format!("build {build} has already finished"),
+                    )),
+                };
+            }
         }
-        let entries = self.lock();
-        let entry = entries.get(build).ok_or_else(|| unknown(Some(req), build))?;
-        match &entry.running {
-            Some(running) => {
-                tracing::info!(build = %build, force, "cancelling build");
-                running.control.cancel(force);
+        match self.lock_preparing().get(build) {
+            Some(p) => {
+                tracing::info!(build = %build, "cancelling a build before its command started");
+                p.stop.cancel();
                 Ok(())
             }
-            None => Err(error(
-                Some(req),
-                Some(build.clone()),
-                ErrorKind::BadRequest,
-                format!("build {build} has already finished"),
-            )),
+            None => Err(unknown(Some(req), build)),
         }
     }
 

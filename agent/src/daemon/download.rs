@@ -42,28 +42,35 @@ pub fn start(req: RequestId, build: BuildId, work: PathBuf, path: wire::Bytes, o
 }
 
 /// The path's name in the archive: its last component (`cp -r PATH dest/`), or none
-/// for the work dir itself (`.`: its contents).
-pub fn archive_name(rel: &Path) -> Option<&Path> {
-    rel.file_name().map(Path::new)
+/// when `raw` names a directory's contents (`.`, empty, `DIR/.`).
+pub fn archive_name<'a>(raw: &[u8], rel: &'a Path) -> Option<&'a Path> {
+    let contents = raw.is_empty() || raw == b"." || raw.ends_with(b"/.");
+    if contents {
+        None
+    } else {
+        rel.file_name().map(Path::new)
+    }
 }
 
 fn send(req: RequestId, work: &Path, path: &Path, out: &Outbox) -> Result<(u64, wire::Digest), String> {
     let rel = relative_inside(path)?;
-    let src = work.join(&rel);
-    // The parent must resolve inside the work dir; the last component is packed as it
-    // is (a symlink stays a symlink).
-    let parent = src.parent().unwrap_or(work);
-    let real_parent = parent
-        .canonicalize()
-        .map_err(|e| format!("no such path in the build's work dir ({e})"))?;
     let real_work = work
         .canonicalize()
         .map_err(|e| format!("the build's work dir is gone ({e})"))?;
-    if !real_parent.starts_with(&real_work) {
-        return Err("the path leads outside the build's work dir".into());
-    }
-    let src = match src.file_name() {
-        Some(name) if !rel.as_os_str().is_empty() => real_parent.join(name),
+    let src = match (rel.parent(), rel.file_name()) {
+        // The parent must resolve inside the work dir; the last component is packed as
+        // it is (a symlink stays a symlink).
+        (Some(parent), Some(name)) => {
+            let real_parent = work
+                .join(parent)
+                .canonicalize()
+                .map_err(|e| format!("no such path in the build's work dir ({e})"))?;
+            if !real_parent.starts_with(&real_work) {
+                return Err("the path leads outside the build's work dir".into());
+            }
+            real_parent.join(name)
+        }
+        // `.` or empty: the work dir itself.
         _ => real_work,
     };
     std::fs::symlink_metadata(&src).map_err(|e| format!("no such path in the build's work dir ({e})"))?;
@@ -78,6 +85,7 @@ fn send(req: RequestId, work: &Path, path: &Path, out: &Outbox) -> Result<(u64, 
             Err(io::Error::new(io::ErrorKind::BrokenPipe, "the client's session ended"))
         }
     });
-    pack_as(&src, archive_name(&rel), &[], &mut sink).map_err(|e| e.to_string())?;
+    let name = archive_name(path.as_os_str().as_bytes(), &rel);
+    pack_as(&src, name, &[], &mut sink).map_err(|e| e.to_string())?;
     sink.finish().map_err(|e| e.to_string())
 }

@@ -109,7 +109,6 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         unpack: opts.unpack,
         ..Default::default()
     };
-    let fetcher = tether_executor::fetch::Fetcher::new(fetch_limits).context("cannot set up HTTP")?;
     let (executor, swept) = Executor::new(config).context("cannot start the executor")?;
     for dir in &swept.removed_instances {
         tracing::info!(dir = %dir.display(), "removed the state of a daemon that died");
@@ -123,7 +122,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let daemon = Arc::new(Daemon {
         builds: Builds::new(
             executor.clone(),
-            prepare::PrepContext::new(fetcher, gates, opts.wait_timeout, opts.unpack),
+            prepare::PrepContext::new(fetch_limits, gates, opts.wait_timeout, opts.unpack)?,
             u64::from(wire::DEFAULT_STDIN_WINDOW),
             u64::from(wire::DEFAULT_UPLOAD_WINDOW),
             opts.retain,

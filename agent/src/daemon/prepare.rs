@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tether_executor::fetch::{FetchRequest, Fetcher};
+use tether_executor::fetch::{FetchLimits, FetchRequest, Fetcher};
 use tether_executor::gate::{self, Gate};
 use tether_executor::transfer::UnpackLimits;
 use tether_executor::Prepared;
@@ -35,7 +35,11 @@ pub struct GateStatus {
 
 /// Shared by every preparation.
 pub struct PrepContext {
-    pub fetcher: Fetcher,
+    /// Built on first use: loading the CA certificates costs start-up time and memory
+    /// that a daemon whose builds never fetch should not pay (nor warn about an image
+    /// without certificates).
+    fetcher: std::sync::OnceLock<Result<Fetcher, String>>,
+    fetch_limits: FetchLimits,
     pub daemon_gates: watch::Receiver<GateStatus>,
     /// How long a build waits for gates when its run names no timeout.
     pub wait_timeout: Duration,
@@ -44,20 +48,36 @@ pub struct PrepContext {
 
 impl PrepContext {
     /// The context, and the task polling `gates` (the daemon's own) until they open.
-    pub fn new(fetcher: Fetcher, gates: Vec<Gate>, wait_timeout: Duration, unpack: UnpackLimits) -> Arc<PrepContext> {
+    pub fn new(
+        fetch_limits: FetchLimits,
+        gates: Vec<Gate>,
+        wait_timeout: Duration,
+        unpack: UnpackLimits,
+    ) -> anyhow::Result<Arc<PrepContext>> {
         let (tx, rx) = watch::channel(GateStatus {
             open: gates.is_empty(),
             waiting: None,
         });
-        if !gates.is_empty() {
-            tokio::spawn(poll_daemon_gates(fetcher.client().clone(), gates, tx));
-        }
-        Arc::new(PrepContext {
-            fetcher,
+        let ctx = Arc::new(PrepContext {
+            fetcher: std::sync::OnceLock::new(),
+            fetch_limits,
             daemon_gates: rx,
             wait_timeout,
             unpack,
-        })
+        });
+        if !gates.is_empty() {
+            let client = ctx.fetcher().map_err(anyhow::Error::msg)?.client().clone();
+            tokio::spawn(poll_daemon_gates(client, gates, tx));
+        }
+        Ok(ctx)
+    }
+
+    /// The HTTP client and fetcher, built the first time one is needed.
+    pub fn fetcher(&self) -> Result<&Fetcher, String> {
+        self.fetcher
+            .get_or_init(|| Fetcher::new(self.fetch_limits).map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(Clone::clone)
     }
 }
 
@@ -176,16 +196,21 @@ pub async fn run(
     let deadline = Instant::now() + plan.wait_timeout.unwrap_or(ctx.wait_timeout);
     let before_command = async {
         wait_for_daemon_gates(ctx, deadline, req).await?;
+        if plan.gates.is_empty() && plan.fetches.is_empty() {
+            return Ok(());
+        }
+        let fetcher = ctx
+            .fetcher()
+            .map_err(|e| failure(req, ErrorKind::Internal, format!("HTTP is not available: {e}")))?;
         if !plan.gates.is_empty() {
-            gate::wait_all(ctx.fetcher.client(), &plan.gates, deadline, |g, reason| {
+            gate::wait_all(fetcher.client(), &plan.gates, deadline, |g, reason| {
                 tracing::info!(build = %id, gate = g.describe(), reason, "waiting for a readiness gate");
             })
             .await
             .map_err(|e| failure(req, ErrorKind::NotReady, e.to_string()))?;
         }
         for f in &plan.fetches {
-            let report = ctx
-                .fetcher
+            let report = fetcher
                 .fetch(f, &work)
                 .await
                 .map_err(|e| failure(req, ErrorKind::Transfer, format!("fetch failed: {e}")))?;

@@ -57,6 +57,8 @@ pub enum RouteError {
     OutOfOrder { got: u32, want: u32 },
     #[error("more than the upload window ({window} bytes) was sent unacknowledged")]
     Window { window: u64 },
+    #[error("an upload piece of {len} bytes is larger than {} bytes", tether_protocol::MAX_CHUNK)]
+    TooLarge { len: usize },
     /// The preparation ended (failed or was cancelled); its error was reported.
     #[error("the build's preparation has ended")]
     Closed,
@@ -66,6 +68,9 @@ impl UploadRoute {
     /// Passes a piece of upload `index` on.
     pub fn data(&mut self, index: u32, data: Vec<u8>) -> Result<(), RouteError> {
         self.check(index)?;
+        if data.len() > tether_protocol::MAX_CHUNK {
+            return Err(RouteError::TooLarge { len: data.len() });
+        }
         let len = data.len() as u64;
         if self.pending.fetch_add(len, Ordering::SeqCst) + len > self.window {
             return Err(RouteError::Window { window: self.window });
@@ -106,7 +111,8 @@ pub struct UploadFeed {
 pub fn channel(count: u32, window: u64) -> (UploadRoute, UploadFeed, Aborter) {
     let (tx, rx) = mpsc::unbounded_channel();
     let pending = Arc::new(AtomicU64::new(0));
-    let aborter = Aborter(tx.clone());
+    // Weak: once the session drops its route, the feed must see the channel close.
+    let aborter = Aborter(tx.downgrade());
     (
         UploadRoute {
             tx,
@@ -120,13 +126,16 @@ pub fn channel(count: u32, window: u64) -> (UploadRoute, UploadFeed, Aborter) {
     )
 }
 
-/// Stops a feed's reader at its next read.
+/// Stops a feed's reader at its next read (if the route still exists; otherwise the
+/// reader sees the stream end anyway).
 #[derive(Debug, Clone)]
-pub struct Aborter(mpsc::UnboundedSender<UploadItem>);
+pub struct Aborter(mpsc::WeakUnboundedSender<UploadItem>);
 
 impl Aborter {
     pub fn abort(&self) {
-        let _ = self.0.send(UploadItem::Abort);
+        if let Some(tx) = self.0.upgrade() {
+            let _ = tx.send(UploadItem::Abort);
+        }
     }
 }
 
