@@ -15,7 +15,9 @@
 //!   directory on the way is created (or reused) component by component, and
 //!   each one is checked to resolve inside the work dir (the work dir may hold
 //!   symlinks planted by an earlier upload: one pointing out of it is refused,
-//!   never written through). Nothing is ever written outside the work dir.
+//!   never written through). Nothing is ever written outside the work dir,
+//!   provided nothing else changes the work dir during the fetch (the build's
+//!   command has not started yet; the checks resolve paths, then write).
 //! - **Archives** (a URL whose path ends in `.tar`, `.tar.gz` or `.tgz`, query
 //!   string ignored) are unpacked into DEST, a directory, by
 //!   [`crate::transfer::unpack`], which treats the archive as hostile (see its
@@ -51,7 +53,9 @@
 //!   long), both on the shared client ([`http_client`]); no overall timeout, so
 //!   a large download that keeps moving is never cut.
 //!
-//! Every [`FetchError`] names the URL.
+//! Every [`FetchError`] names the URL (a password in it shown as `***`).
+//! Redirects are followed (at most 10); the digest and caps apply to the final
+//! response.
 //!
 //! Dropping a [`Fetcher::fetch`] future (a build cancelled while preparing)
 //! stops the download at once; an unpacker or file writer still running on its
@@ -66,11 +70,12 @@
 //! [`http_client`] installs rustls's ring provider as the process default
 //! (reqwest panics when it finds none). HTTPS goes through rustls, never
 //! OpenSSL, and certificates are checked against the system's roots as
-//! `rustls-native-certs` finds them (through `rustls-platform-verifier`): when `SSL_CERT_FILE` (a PEM bundle) and/or
-//! `SSL_CERT_DIR` (`:`-separated directories of PEM files) are set, only those
-//! are read; otherwise the usual locations (`/etc/ssl/certs/ca-certificates.crt`
-//! and friends). In kaniko's image, whose roots are not at a usual place, point
-//! it at its bundle: `SSL_CERT_FILE=/kaniko/ssl/certs/ca-certificates.crt` (the
+//! `rustls-native-certs` finds them (through `rustls-platform-verifier`): when
+//! `SSL_CERT_FILE` (a PEM bundle) and/or `SSL_CERT_DIR` (`:`-separated
+//! directories, every file in them read as PEM) are set, only those are read;
+//! otherwise the usual locations (`/etc/ssl/certs/ca-certificates.crt` and
+//! friends). In kaniko's image, whose roots are not at a usual place, point it
+//! at its bundle: `SSL_CERT_FILE=/kaniko/ssl/certs/ca-certificates.crt` (the
 //! image already sets `SSL_CERT_DIR=/kaniko/ssl/certs`, which works too). The
 //! roots are read when the client is built. When no root at all can be found
 //! the client is still built (a warning is logged), so that plain `http://`
@@ -91,7 +96,7 @@
 
 use std::ffi::{OsStr, OsString};
 use std::fs;
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
@@ -117,6 +122,8 @@ pub const DEFAULT_ATTEMPTS: u32 = 3;
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 /// Body chunks in flight between the download and the blocking writer.
 const CHANNEL_CHUNKS: usize = 16;
+/// Writes of a plain download are batched to this size.
+const WRITE_BUFFER: usize = 256 * 1024;
 /// Prefix of the temporary files plain downloads are written to.
 const TEMP_PREFIX: &str = ".tether-fetch.";
 
@@ -238,6 +245,33 @@ pub enum FetchError {
 }
 
 impl FetchError {
+    /// The URL the error names (a password in it shown as `***`).
+    pub fn url(&self) -> &str {
+        match self {
+            FetchError::BadUrl { url, .. }
+            | FetchError::BadDest { url, .. }
+            | FetchError::Request { url, .. }
+            | FetchError::Status { url, .. }
+            | FetchError::TooLarge { url, .. }
+            | FetchError::DigestMismatch { url, .. }
+            | FetchError::Unpack { url, .. }
+            | FetchError::Io { url, .. } => url,
+        }
+    }
+
+    fn url_mut(&mut self) -> &mut String {
+        match self {
+            FetchError::BadUrl { url, .. }
+            | FetchError::BadDest { url, .. }
+            | FetchError::Request { url, .. }
+            | FetchError::Status { url, .. }
+            | FetchError::TooLarge { url, .. }
+            | FetchError::DigestMismatch { url, .. }
+            | FetchError::Unpack { url, .. }
+            | FetchError::Io { url, .. } => url,
+        }
+    }
+
     fn set_attempts(&mut self, n: u32) {
         if let FetchError::Request { attempts, .. } | FetchError::Status { attempts, .. } = self {
             *attempts = n;
@@ -320,6 +354,14 @@ impl Fetcher {
     /// Downloads `req.url` into `work_dir` (see the module doc for where it
     /// lands and what is checked).
     pub async fn fetch(&self, req: &FetchRequest, work_dir: &Path) -> Result<FetchReport, FetchError> {
+        self.fetch_once_or_more(req, work_dir).await.map_err(|mut e| {
+            let url = e.url_mut();
+            *url = redacted(url);
+            e
+        })
+    }
+
+    async fn fetch_once_or_more(&self, req: &FetchRequest, work_dir: &Path) -> Result<FetchReport, FetchError> {
         let url_text = req.url.as_str();
         let url = check_url(url_text).map_err(|reason| FetchError::BadUrl {
             url: url_text.to_owned(),
@@ -358,7 +400,7 @@ impl Fetcher {
                     return Ok(report);
                 }
                 Err(failed) if failed.retry && attempt < attempts => {
-                    tracing::warn!(url = %req.url, attempt, error = %failed.error, "fetch failed, retrying");
+                    tracing::warn!(url = %redacted(&req.url), attempt, error = %failed.error, "fetch failed, retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = backoff.saturating_mul(2);
                     attempt += 1;
@@ -384,12 +426,16 @@ impl Fetcher {
             .prefix(TEMP_PREFIX)
             .tempfile_in(dir)
             .map_err(|e| Failed::fatal(io_error(dir, e)))?;
-        let mut file = temp
+        let file = temp
             .as_file()
             .try_clone()
             .map_err(|e| Failed::fatal(io_error(temp.path(), e)))?;
         let streamed = self
-            .pump(req, response, move |mut body| io::copy(&mut body, &mut file).map(drop))
+            .pump(req, response, move |mut body| {
+                let mut out = io::BufWriter::with_capacity(WRITE_BUFFER, file);
+                io::copy(&mut body, &mut out)?;
+                out.flush()
+            })
             .await
             .map_err(|e| e.into_failed(|e| io_error(temp.path(), e), true))?;
         check_digest(req, &streamed, false)?;
@@ -934,6 +980,17 @@ fn parse_hex_digest(text: &str) -> Option<[u8; 32]> {
 // ---------------------------------------------------------------------------
 // Formatting
 // ---------------------------------------------------------------------------
+
+/// `url` for messages and logs: a password in it is replaced by `***`.
+fn redacted(url: &str) -> String {
+    match Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}
 
 /// Lowercase hex.
 pub fn hex(bytes: &[u8]) -> String {
@@ -1733,6 +1790,22 @@ mod tests {
             .unwrap();
         assert!(fs::symlink_metadata(s.work().join("dangling")).unwrap().is_file());
         s.assert_outside_untouched();
+    }
+
+    #[tokio::test]
+    async fn passwords_are_not_shown() {
+        let server = TestServer::start(vec![]);
+        let s = Scene::new();
+        let url = server.url("/x.txt").replace("http://", "http://user:secret@");
+        let err = fetcher().fetch(&request(url, ""), &s.work()).await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "GET {}: HTTP 404 Not Found",
+                server.url("/x.txt").replace("http://", "http://user:***@")
+            )
+        );
+        assert_eq!(err.url(), server.url("/x.txt").replace("http://", "http://user:***@"));
     }
 
     #[tokio::test]

@@ -52,10 +52,7 @@ fn means_contents(path: &str) -> bool {
 
 /// `SRC[:DEST]`, split at the last `:`.
 pub fn parse_upload(arg: &str) -> Result<Upload, String> {
-    let (src, dest) = match arg.rsplit_once(':') {
-        Some((src, dest)) if !src.is_empty() => (src, dest),
-        _ => (arg, "."),
-    };
+    let (src, dest) = arg.rsplit_once(':').unwrap_or((arg, "."));
     if src.is_empty() {
         return Err(format!("--upload {arg:?}: no source"));
     }
