@@ -6,7 +6,7 @@
 //!     [--only SCENARIO[,SCENARIO...]] [--reps N]
 //!
 //! Scenarios: stream, sequential, idle-memory, ping-under-flood, stalled-memory,
-//! logs-replay, container.
+//! logs-replay, transfer, container.
 //! ```
 //!
 //! The tether binary is `$TETHER_BIN`, else `target/release/tether` of this workspace
@@ -37,6 +37,8 @@ mod socket_daemon;
 mod stalled_memory;
 #[path = "../bench/stream.rs"]
 mod stream;
+#[path = "../bench/transfer.rs"]
+mod transfer;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -57,6 +59,7 @@ fn scenarios() -> Vec<Box<dyn Scenario>> {
         Box::new(ping_flood::PingUnderFlood),
         Box::new(stalled_memory::StalledMemory),
         Box::new(logs_replay::LogsReplay),
+        Box::new(transfer::Transfer),
         Box::new(container_figures::ContainerFigures),
     ]
 }
