@@ -320,7 +320,9 @@ impl Builds {
                     format!("build {id} was cancelled before its command started"),
                 )),
             };
-            builds.prepared(req, id.clone(), &spec, prepared, result, follow, out).await;
+            builds
+                .prepared(req, id.clone(), &spec, prepared, result, follow, out)
+                .await;
             if stop.is_cancelled() {
                 // A cancel that came after the preparation succeeded, before the build
                 // was entered as running: it is the build's now.
