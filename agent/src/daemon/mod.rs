@@ -118,6 +118,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     }
     let state = executor.state().instance_dir().to_path_buf();
     tracing::info!(state = %state.display(), pid = std::process::id(), "tether serve started");
+    release_startup_pages();
 
     let daemon = Arc::new(Daemon {
         builds: Builds::new(
@@ -250,6 +251,38 @@ fn ignore_stray_signals() {
         // these dispositions.
         if let Err(e) = unsafe { signal(sig, SigHandler::SigIgn) } {
             tracing::warn!(error = %e, signal = ?sig, "cannot ignore a signal");
+        }
+    }
+}
+
+/// Gives back the pages of the binary that start-up touched (argument parsing, logging
+/// set-up, the state dir sweep): the daemon idles for hours as a container's PID 1, and
+/// the kernel maps file pages around every fault, so most of the code and read-only
+/// data read once at start-up would otherwise stay resident. `MADV_PAGEOUT` on the
+/// binary's read-only mappings (never on writable ones) drops them; whatever serving
+/// needs comes back on first use from the page cache. Best effort: older kernels
+/// refuse it, which changes nothing else.
+fn release_startup_pages() {
+    let Ok(exe) = std::fs::read_link("/proc/self/exe") else { return };
+    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else { return };
+    for line in maps.lines() {
+        // start-end perms offset dev inode path
+        let mut fields = line.split_whitespace();
+        let (Some(range), Some(perms)) = (fields.next(), fields.next()) else { continue };
+        let path = fields.nth(3);
+        if path != exe.to_str() || perms.contains('w') {
+            continue;
+        }
+        let Some((start, end)) = range.split_once('-') else { continue };
+        let (Ok(start), Ok(end)) = (usize::from_str_radix(start, 16), usize::from_str_radix(end, 16)) else {
+            continue;
+        };
+        // SAFETY: the range is a read-only file mapping of our own binary, as the kernel
+        // listed it; MADV_PAGEOUT only unmaps clean pages, which fault back in unchanged.
+        let r = unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_PAGEOUT) };
+        if r != 0 {
+            tracing::debug!(error = %std::io::Error::last_os_error(), "cannot release start-up pages");
+            return;
         }
     }
 }
