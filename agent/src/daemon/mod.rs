@@ -263,17 +263,25 @@ fn ignore_stray_signals() {
 /// needs comes back on first use from the page cache. Best effort: older kernels
 /// refuse it, which changes nothing else.
 fn release_startup_pages() {
-    let Ok(exe) = std::fs::read_link("/proc/self/exe") else { return };
-    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else { return };
+    let Ok(exe) = std::fs::read_link("/proc/self/exe") else {
+        return;
+    };
+    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
+        return;
+    };
     for line in maps.lines() {
         // start-end perms offset dev inode path
         let mut fields = line.split_whitespace();
-        let (Some(range), Some(perms)) = (fields.next(), fields.next()) else { continue };
+        let (Some(range), Some(perms)) = (fields.next(), fields.next()) else {
+            continue;
+        };
         let path = fields.nth(3);
         if path != exe.to_str() || perms.contains('w') {
             continue;
         }
-        let Some((start, end)) = range.split_once('-') else { continue };
+        let Some((start, end)) = range.split_once('-') else {
+            continue;
+        };
         let (Ok(start), Ok(end)) = (usize::from_str_radix(start, 16), usize::from_str_radix(end, 16)) else {
             continue;
         };
