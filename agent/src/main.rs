@@ -4,7 +4,6 @@ mod chunks;
 mod cli;
 mod client;
 mod daemon;
-mod hex;
 mod ids;
 mod install;
 mod logging;

@@ -469,7 +469,8 @@ pub fn enlarge_pipe(fd: &impl std::os::fd::AsFd) {
 }
 
 /// Resolves the build's cwd: `work` itself, or a relative directory inside it, created
-/// if missing, that must not leave `work` (lexically or through symlinks).
+/// if missing, that must not leave `work` (lexically or through symlinks; see
+/// [`crate::transfer::create_dirs_inside`]).
 fn resolve_workdir(work: &Path, rel: Option<&Path>) -> Result<PathBuf, StartError> {
     let Some(rel) = rel else {
         return Ok(work.to_path_buf());
@@ -478,21 +479,20 @@ fn resolve_workdir(work: &Path, rel: Option<&Path>) -> Result<PathBuf, StartErro
         path: rel.to_path_buf(),
         reason: reason.into(),
     };
+    let mut components = Vec::new();
     for c in rel.components() {
         match c {
-            Component::Normal(_) | Component::CurDir => {}
+            Component::Normal(c) => components.push(c),
+            Component::CurDir => {}
             Component::ParentDir => return Err(bad("must not contain '..'")),
             Component::RootDir | Component::Prefix(_) => return Err(bad("must be relative to the build's work dir")),
         }
     }
-    let dir = work.join(rel);
-    std::fs::create_dir_all(&dir).map_err(|e| bad(&e.to_string()))?;
-    let real = dir.canonicalize().map_err(|e| bad(&e.to_string()))?;
     let real_work = work.canonicalize().map_err(|e| bad(&e.to_string()))?;
-    if !real.starts_with(&real_work) {
-        return Err(bad("resolves outside the build's work dir"));
-    }
-    Ok(real)
+    crate::transfer::create_dirs_inside(&real_work, &components).map_err(|e| match e {
+        crate::transfer::InsideError::Outside(_) => bad("resolves outside the build's work dir"),
+        other => bad(&other.to_string()),
+    })
 }
 
 fn supervise(spec: BuildSpec, launch: Launch<'_>, spooler: Spooler, s: Spawned) -> Build {

@@ -109,7 +109,9 @@ use reqwest::{StatusCode, Url};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
-use crate::transfer::{self, UnpackError, UnpackLimits, UnpackReport, DEFAULT_MAX_BYTES};
+use crate::transfer::{
+    self, create_dirs_inside, resolve_inside, InsideError, UnpackError, UnpackLimits, UnpackReport, DEFAULT_MAX_BYTES,
+};
 
 /// Default [`FetchLimits::connect_timeout`]: 10 s.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -381,7 +383,9 @@ impl Fetcher {
         let name = url_file_name(&url);
         let archive = name.as_ref().ok().and_then(|n| archive_kind(n));
         let target = match archive {
-            Some(kind) => open_dirs(&root, &dest.components, true).map(|dir| Target::Archive { dir, kind }),
+            Some(kind) => create_dirs_inside(&root, &dest.components)
+                .map(|dir| Target::Archive { dir, kind })
+                .map_err(DestError::from),
             None => plain_target(&root, &dest, &name),
         }
         .map_err(|e| e.into_fetch(url_text, req))?;
@@ -823,6 +827,15 @@ enum DestError {
     Io(PathBuf, io::Error),
 }
 
+impl From<InsideError> for DestError {
+    fn from(e: InsideError) -> DestError {
+        match e {
+            InsideError::Io { path, source } => DestError::Io(path, source),
+            other => DestError::Bad(other.to_string()),
+        }
+    }
+}
+
 impl DestError {
     fn into_fetch(self, url: &str, req: &FetchRequest) -> FetchError {
         match self {
@@ -840,48 +853,6 @@ impl DestError {
     }
 }
 
-/// Opens (creating when `create`) the directories `components` under `root`
-/// (canonical) one at a time, checking that each resolves inside `root`
-/// before going further. Returns the canonical path of the last.
-fn open_dirs(root: &Path, components: &[OsString], create: bool) -> Result<PathBuf, DestError> {
-    let mut dir = root.to_owned();
-    for c in components {
-        let next = dir.join(c);
-        if create {
-            match fs::create_dir(&next) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(DestError::Io(next, e)),
-            }
-        }
-        dir = inside(root, &next)?;
-        if !dir.is_dir() {
-            return Err(DestError::Bad(format!("{:?} is not a directory", lossy(c.as_bytes()))));
-        }
-    }
-    Ok(dir)
-}
-
-/// The canonical path of `path`, which must resolve inside `root`.
-fn inside(root: &Path, path: &Path) -> Result<PathBuf, DestError> {
-    let canonical = fs::canonicalize(path).map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound => DestError::Bad(format!("{} is a dangling symlink", shown(root, path))),
-        _ => DestError::Io(path.to_owned(), e),
-    })?;
-    if !canonical.starts_with(root) {
-        return Err(DestError::Bad(format!(
-            "{} leads outside the work dir (through a symlink)",
-            shown(root, path)
-        )));
-    }
-    Ok(canonical)
-}
-
-/// `path` relative to `root` for messages.
-fn shown(root: &Path, path: &Path) -> String {
-    format!("{:?}", path.strip_prefix(root).unwrap_or(path).as_os_str())
-}
-
 /// Where a plain file goes (see the module doc). The directories on the way
 /// are created.
 fn plain_target(root: &Path, dest: &DestSpec, url_name: &Result<OsString, String>) -> Result<Target, DestError> {
@@ -893,17 +864,17 @@ fn plain_target(root: &Path, dest: &DestSpec, url_name: &Result<OsString, String
         Err(reason) => Err(DestError::Bad(reason.clone())),
     };
     if dest.dir_form {
-        return in_dir(open_dirs(root, &dest.components, true)?);
+        return in_dir(create_dirs_inside(root, &dest.components)?);
     }
     let (last, parents) = dest.components.split_last().expect("a file-form DEST has a component");
-    let parent = open_dirs(root, parents, true)?;
+    let parent = create_dirs_inside(root, parents)?;
     let candidate = parent.join(last);
     match fs::symlink_metadata(&candidate) {
         Ok(meta) if meta.is_dir() => in_dir(candidate),
         Ok(meta) if meta.file_type().is_symlink() => match fs::metadata(&candidate) {
             // A symlink to a directory is the directory (when inside); any
             // other symlink is replaced by the file (rename replaces the link).
-            Ok(target) if target.is_dir() => in_dir(inside(root, &candidate)?),
+            Ok(target) if target.is_dir() => in_dir(resolve_inside(root, &candidate)?),
             _ => Ok(Target::File {
                 dir: parent,
                 name: last.clone(),
@@ -1816,6 +1787,12 @@ mod tests {
             assert!(matches!(err, FetchError::BadUrl { .. }), "{url}: {err:?}");
             assert!(err.to_string().starts_with(url), "{err}");
         }
+    }
+
+    #[test]
+    fn hex_is_lower_case_pairs() {
+        assert_eq!(hex(&[0, 0xab, 0x10]), "00ab10");
+        assert_eq!(hex(&[]), "");
     }
 
     #[test]

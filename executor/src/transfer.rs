@@ -621,6 +621,64 @@ fn copy_exact(
 // pack
 // ---------------------------------------------------------------------------
 
+/// Why a directory inside a root could not be reached ([`create_dirs_inside`]). Names
+/// are shown relative to the root, quoted.
+#[derive(Debug, thiserror::Error)]
+pub enum InsideError {
+    #[error("{0} is a dangling symlink")]
+    Dangling(String),
+    #[error("{0} leads outside the work dir (through a symlink)")]
+    Outside(String),
+    #[error("{0} is not a directory")]
+    NotADirectory(String),
+    #[error("cannot create {}: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+}
+
+/// Opens, creating what is missing, the directories `components` under `root` (a
+/// canonical path), one at a time, checking that each resolves inside `root` before
+/// going further: a symlink planted in a build's work dir can never make tether create
+/// a directory outside it. Returns the canonical path of the last one (`root` for none).
+pub fn create_dirs_inside(root: &Path, components: &[impl AsRef<OsStr>]) -> Result<PathBuf, InsideError> {
+    let mut dir = root.to_owned();
+    for c in components {
+        let c = c.as_ref();
+        let next = dir.join(c);
+        match fs::create_dir(&next) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(source) => return Err(InsideError::Io { path: next, source }),
+        }
+        dir = resolve_inside(root, &next)?;
+        if !dir.is_dir() {
+            return Err(InsideError::NotADirectory(format!("{:?}", lossy(c.as_bytes()))));
+        }
+    }
+    Ok(dir)
+}
+
+/// The canonical path of `path`, which must resolve inside `root` (canonical).
+pub fn resolve_inside(root: &Path, path: &Path) -> Result<PathBuf, InsideError> {
+    let shown = || format!("{:?}", path.strip_prefix(root).unwrap_or(path).as_os_str());
+    let canonical = fs::canonicalize(path).map_err(|source| match source.kind() {
+        io::ErrorKind::NotFound => InsideError::Dangling(shown()),
+        _ => InsideError::Io {
+            path: path.to_owned(),
+            source,
+        },
+    })?;
+    if !canonical.starts_with(root) {
+        return Err(InsideError::Outside(shown()));
+    }
+    Ok(canonical)
+}
+
+/// Whether a transfer path names a directory's *contents* rather than the thing itself:
+/// `.`, empty, or ending in `/.` (as `cp -r DIR/. dest/` copies DIR's contents).
+pub fn names_contents(raw: &[u8]) -> bool {
+    raw.is_empty() || raw == b"." || raw.ends_with(b"/.")
+}
+
 /// `path` as a relative path of normal components (`.` components dropped, so `.` and
 /// the empty path are the empty path), refused when absolute or holding `..`: the
 /// check for a client-given path inside a build's work dir, before any symlink in it

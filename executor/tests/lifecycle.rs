@@ -255,7 +255,7 @@ async fn build_dirs_are_private_and_read_only_trees_are_removed() {
     let mut b = ex
         .start(script(
             "mkdir -p ro/deeper && echo x > ro/deeper/f && chmod -R a-w ro && chmod 000 ro/deeper; \
-             stat -c %a . \"$TMPDIR\" ..; echo ready; read _",
+             stat -c %a . \"$TMPDIR\" ..; echo ready; exec sleep 100",
         ))
         .unwrap();
     let text = wait_for_stdout(&mut b, "ready").await;

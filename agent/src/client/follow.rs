@@ -402,6 +402,16 @@ async fn on_upload(
     Ok(None)
 }
 
+/// One download is over (received or failed): on to the next, or the release.
+async fn download_over(conn: &Connection, goal: &Goal, progress: &mut Progress, xfer: &mut Xfer) -> Result<(), Stop> {
+    xfer.down = None;
+    progress.downloads_done += 1;
+    match progress.build.clone() {
+        Some(b) => next_download(conn, goal, progress, xfer, &b).await,
+        None => Ok(()),
+    }
+}
+
 /// The next step once the build is held: the next download, or the release.
 async fn next_download(
     conn: &Connection,
@@ -511,23 +521,14 @@ async fn on_message(
                         progress.transfer_failed = true;
                     }
                 }
-                progress.downloads_done += 1;
-                if let Some(b) = progress.build.clone() {
-                    next_download(conn, goal, progress, xfer, &b).await?;
-                }
             }
+            download_over(conn, goal, progress, xfer).await?;
         }
         DaemonMessage::Error(e) if e.req.is_some() && e.req == xfer.down.as_ref().map(|(r, _)| *r) => {
             // The daemon could not send it (a missing path): said, and the build's own
             // status stands.
             eprintln!("tether: {}", e.message);
-            if let Some((_, recv)) = xfer.down.take() {
-                drop(recv);
-            }
-            progress.downloads_done += 1;
-            if let Some(b) = progress.build.clone() {
-                next_download(conn, goal, progress, xfer, &b).await?;
-            }
+            download_over(conn, goal, progress, xfer).await?;
         }
         DaemonMessage::Ack { req: RELEASE_REQ } => tracing::debug!("released"),
         DaemonMessage::Started(s) if s.req == MAIN_REQ => {

@@ -14,12 +14,12 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use sha2::{Digest as _, Sha256};
-use tether_executor::transfer::{pack_as, unpack, UnpackLimits, UnpackReport};
+use tether_executor::transfer::{names_contents, pack_as, unpack, UnpackLimits, UnpackReport};
 use tether_protocol::{self as wire, Digest};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::chunks::Chunker;
-use crate::hex::hex;
+use tether_executor::fetch::hex;
 
 /// Pieces of a packed stream queued between the packing thread and the session loop.
 const UPLOAD_QUEUE: usize = 8;
@@ -45,11 +45,6 @@ pub struct Download {
     pub local: PathBuf,
 }
 
-/// Whether `path` names a directory's contents (`.`, `DIR/.`) rather than the thing itself.
-fn means_contents(path: &str) -> bool {
-    path == "." || path.ends_with("/.") || path.is_empty()
-}
-
 /// `SRC[:DEST]`, split at the last `:`.
 pub fn parse_upload(arg: &str) -> Result<Upload, String> {
     let (src, dest) = arg.rsplit_once(':').unwrap_or((arg, "."));
@@ -63,7 +58,7 @@ pub fn parse_upload(arg: &str) -> Result<Upload, String> {
         ));
     }
     let src_path = PathBuf::from(src);
-    let name = if means_contents(src) {
+    let name = if names_contents(src.as_bytes()) {
         None
     } else {
         let name = src_path

@@ -11,7 +11,7 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use tether_executor::transfer::{pack_as, relative_inside};
+use tether_executor::transfer::{names_contents, pack_as, relative_inside};
 use tether_protocol::{self as wire, BuildId, DaemonMessage, ErrorKind, ErrorReport, RequestId};
 
 use super::outbox::Outbox;
@@ -44,8 +44,7 @@ pub fn start(req: RequestId, build: BuildId, work: PathBuf, path: wire::Bytes, o
 /// The path's name in the archive: its last component (`cp -r PATH dest/`), or none
 /// when `raw` names a directory's contents (`.`, empty, `DIR/.`).
 pub fn archive_name<'a>(raw: &[u8], rel: &'a Path) -> Option<&'a Path> {
-    let contents = raw.is_empty() || raw == b"." || raw.ends_with(b"/.");
-    if contents {
+    if names_contents(raw) {
         None
     } else {
         rel.file_name().map(Path::new)

@@ -122,15 +122,11 @@ impl Feed {
         let mut state = self.lock();
         let end = chunk.offset + chunk.data.len() as u64;
         state.end = end;
-        let live = std::mem::take(&mut state.live);
         let mut data = Some(chunk.data);
-        let count = live.len();
-        let mut keep = Vec::with_capacity(count);
-        let mut behind = Vec::new();
-        for (i, mut f) in live.into_iter().enumerate() {
+        let stream = convert::stream(chunk.stream);
+        let message = |i: usize, count: usize, f: &Follower| {
             if f.pos >= end {
-                keep.push(f);
-                continue;
+                return None;
             }
             // Live followers are at the previous end, which is where this chunk starts.
             let skip = f.pos.saturating_sub(chunk.offset) as usize;
@@ -144,26 +140,14 @@ impl Feed {
             } else {
                 bytes
             };
-            let msg = DaemonMessage::Output {
+            Some(DaemonMessage::Output {
                 build: self.build.clone(),
-                stream: convert::stream(chunk.stream),
+                stream,
                 offset: f.pos,
                 data: wire::Bytes::from(bytes),
-            };
-            match f.out.try_data(msg) {
-                Ok(()) => {
-                    f.pos = end;
-                    keep.push(f);
-                }
-                Err(Full::Behind) => behind.push(f),
-                Err(Full::Gone) => {}
-            }
-        }
-        state.live = keep;
-        drop(state);
-        for f in behind {
-            self.catch_up(f, Mode::Follow, end);
-        }
+            })
+        };
+        self.offer(state, message, |f| f.pos = end, true);
     }
 
     /// The build is held: every chunk was published. Live followers get `Held` (on a
@@ -171,15 +155,45 @@ impl Feed {
     pub fn hold(self: &Arc<Self>, held: DaemonMessage) {
         let mut state = self.lock();
         state.held = Some(held.clone());
+        self.offer(state, |_, _, _| Some(held.clone()), |f| f.told_held = true, true);
+    }
+
+    /// The build is over: every chunk was published. Live followers get `Exited` (on a
+    /// catch-up thread when their queue is full) and are done.
+    pub fn finish(self: &Arc<Self>, exited: wire::Exited) {
+        let mut state = self.lock();
+        state.exited = Some(exited.clone());
+        let msg = DaemonMessage::Exited(exited);
+        self.offer(state, |_, _, _| Some(msg.clone()), |_| {}, false);
+    }
+
+    /// Offers each live follower the message `message(i, count, follower)` makes for it
+    /// (`None`: nothing to send, it stays live), without waiting; `sent` updates one that
+    /// took it, which stays live if `stay`. One whose queue is full continues on a
+    /// catch-up thread from the published end; one whose session is gone is dropped.
+    fn offer(
+        self: &Arc<Self>,
+        mut state: MutexGuard<'_, State>,
+        mut message: impl FnMut(usize, usize, &Follower) -> Option<DaemonMessage>,
+        sent: impl Fn(&mut Follower),
+        stay: bool,
+    ) {
         let end = state.end;
         let live = std::mem::take(&mut state.live);
-        let mut keep = Vec::with_capacity(live.len());
+        let count = live.len();
+        let mut keep = Vec::with_capacity(count);
         let mut behind = Vec::new();
-        for mut f in live {
-            match f.out.try_data(held.clone()) {
+        for (i, mut f) in live.into_iter().enumerate() {
+            let Some(msg) = message(i, count, &f) else {
+                keep.push(f);
+                continue;
+            };
+            match f.out.try_data(msg) {
                 Ok(()) => {
-                    f.told_held = true;
-                    keep.push(f);
+                    sent(&mut f);
+                    if stay {
+                        keep.push(f);
+                    }
                 }
                 Err(Full::Behind) => behind.push(f),
                 Err(Full::Gone) => {}
@@ -189,22 +203,6 @@ impl Feed {
         drop(state);
         for f in behind {
             self.catch_up(f, Mode::Follow, end);
-        }
-    }
-
-    /// The build is over: every chunk was published. Live followers get `Exited` (on a
-    /// catch-up thread when their queue is full).
-    pub fn finish(self: &Arc<Self>, exited: wire::Exited) {
-        let mut state = self.lock();
-        state.exited = Some(exited.clone());
-        let end = state.end;
-        let live = std::mem::take(&mut state.live);
-        drop(state);
-        for f in live {
-            match f.out.try_data(DaemonMessage::Exited(exited.clone())) {
-                Ok(()) | Err(Full::Gone) => {}
-                Err(Full::Behind) => self.catch_up(f, Mode::Follow, end),
-            }
         }
     }
 

@@ -16,12 +16,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use sha2::{Digest as _, Sha256};
-use tether_executor::transfer::{unpack, UnpackLimits};
+use tether_executor::transfer::{create_dirs_inside, relative_inside, unpack, InsideError, UnpackLimits};
 use tether_protocol::{DaemonMessage, Digest, RequestId};
 use tokio::sync::mpsc;
 
 use super::outbox::Outbox;
-use crate::hex::hex;
+use tether_executor::fetch::hex;
 
 /// One item of a run's upload stream.
 #[derive(Debug)]
@@ -213,15 +213,13 @@ pub fn receive_all(
 /// `work/rel`, created, refused when `rel` is absolute, has `..`, or leads outside
 /// `work` through a symlink.
 fn destination(work: &Path, rel: &Path) -> Result<PathBuf, String> {
-    let rel = tether_executor::transfer::relative_inside(rel).map_err(|e| format!("bad destination: {e}"))?;
-    let dest = work.join(&rel);
-    std::fs::create_dir_all(&dest).map_err(|e| format!("cannot create the destination: {e}"))?;
-    let real = dest.canonicalize().map_err(|e| e.to_string())?;
+    let rel = relative_inside(rel).map_err(|e| format!("bad destination: {e}"))?;
     let real_work = work.canonicalize().map_err(|e| e.to_string())?;
-    if !real.starts_with(&real_work) {
-        return Err("the destination leads outside the build's work dir".into());
-    }
-    Ok(real)
+    let components: Vec<_> = rel.components().collect();
+    create_dirs_inside(&real_work, &components).map_err(|e| match e {
+        InsideError::Outside(_) => "the destination leads outside the build's work dir".into(),
+        other => format!("cannot create the destination: {other}"),
+    })
 }
 
 /// The feed as one `Read` per upload: EOF at that upload's `End`.
