@@ -34,6 +34,12 @@ pub enum Command {
     Ps(PsArgs),
     /// Cancel a running build: SIGTERM to its process group, SIGKILL after its grace.
     Cancel(CancelArgs),
+    /// Open a shell (or run ARGV) in a terminal in the daemon's container, or inside a
+    /// running or held build with --build; exits with the shell's status.
+    Shell(ShellArgs),
+    /// End a build's hold (run --hold-on-failure, --hold-before): a held build finishes
+    /// with its own status or the one chosen here; one held before its command starts.
+    Release(ReleaseArgs),
     /// Relay stdin/stdout to a daemon's Unix socket (for `--via`, e.g.
     /// `--via 'ssh host tether dial-stdio --socket /run/tether.sock'`).
     DialStdio(DialStdioArgs),
@@ -108,6 +114,45 @@ pub struct CancelArgs {
     /// SIGKILL at once instead of SIGTERM and the grace period.
     #[arg(long)]
     pub kill: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ShellArgs {
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+    /// Run in this build's work dir with its environment: a running build, one held
+    /// after a failure (run --hold-on-failure) or before its command (--hold-before).
+    #[arg(long, value_name = "ID")]
+    pub build: Option<String>,
+    /// The shell to run instead of the one found (`sh` on PATH, `/bin/sh`, `/busybox/sh`).
+    #[arg(long, value_name = "PATH", conflicts_with = "argv")]
+    pub shell: Option<PathBuf>,
+    /// Pipes instead of a terminal, even when stdin is a terminal (the default when
+    /// it is not).
+    #[arg(long, short = 'T')]
+    pub no_tty: bool,
+    /// The program to run instead of a shell.
+    #[arg(last = true, value_name = "ARGV")]
+    pub argv: Vec<OsString>,
+}
+
+#[derive(Debug, Args)]
+#[group(id = "outcome", multiple = false)]
+pub struct ReleaseArgs {
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+    /// The held build's id.
+    #[arg(value_name = "ID")]
+    pub id: String,
+    /// Finish the build with exit code 0.
+    #[arg(long, group = "outcome")]
+    pub success: bool,
+    /// Finish the build as failed: its own status when it failed, else exit code 1.
+    #[arg(long, group = "outcome")]
+    pub failure: bool,
+    /// Finish the build with exit code N.
+    #[arg(long, value_name = "N", group = "outcome", allow_negative_numbers = true)]
+    pub exit_code: Option<i32>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -302,6 +347,15 @@ pub struct RunArgs {
     /// No progress bar.
     #[arg(long)]
     pub no_progress: bool,
+    /// When the command fails (non-zero, a signal, a timeout), keep the build, its
+    /// directory and this client waiting for DUR (default 30m) so a person can look
+    /// inside (`tether shell --build ID`); `tether release ID` ends the hold.
+    #[arg(long, value_name = "DUR", num_args = 0..=1, require_equals = true, default_missing_value = "30m", value_parser = parse_duration)]
+    pub hold_on_failure: Option<Duration>,
+    /// Hold the build before its command starts, for DUR at most (default 30m), for
+    /// stepping in first (`tether shell --build ID`); `tether release ID` starts it.
+    #[arg(long, value_name = "DUR", num_args = 0..=1, require_equals = true, default_missing_value = "30m", value_parser = parse_duration)]
+    pub hold_before: Option<Duration>,
     #[command(flatten)]
     pub archive: ArchiveArgs,
     /// Run this script with a shell (`sh` on PATH, `/bin/sh`, `/busybox/sh`).

@@ -27,6 +27,8 @@ fn main() {
         Command::DialStdio(args) => client_main(0, client::dial::dial_stdio(args)),
         Command::Ps(args) => client_main(args.connect.verbose, client::ps::ps(args)),
         Command::Cancel(args) => client_main(args.connect.verbose, client::cancel::cancel(args)),
+        Command::Shell(args) => client_main(args.connect.verbose, client::shell::shell(args)),
+        Command::Release(args) => client_main(args.connect.verbose, client::release::release(args)),
         Command::Install(args) => match install::install(&args.dir) {
             Ok(path) => {
                 println!("{}", path.display());

@@ -15,8 +15,16 @@
 //!    its status (after every output chunk) while its directory stays, so a client can
 //!    take files out of it, until [`BuildControl::release`], a cancel, or the hold's
 //!    time runs out. A release may replace the status the build finishes with.
-//! 6. The private directory is removed, then [`BuildEvent::Finished`] is sent: the last
-//!    event, after every output chunk.
+//!    [`BuildSpec::hold_on_failure`] holds the same way, but only a build that failed
+//!    (a status other than exit 0, or a timeout) and was not cancelled: a user who
+//!    stopped a build does not want it kept. When both apply, the longer hold wins.
+//! 6. Interactive shells attached to the build ([`Build::attachments`], `tether shell
+//!    --build`) run in its directory, in sessions of their own that steps 1 and 3 do not
+//!    reach: each still alive is hung up (SIGHUP, SIGKILL after its grace period) and
+//!    waited for, so no process works in a directory being removed. Then the private
+//!    directory is removed, and [`BuildEvent::Finished`] is sent: the last event, after
+//!    every output chunk. Once the hang-up began no shell can attach any more; a
+//!    [`crate::Prepared`] that is dropped instead of started kills its shells at once.
 //!
 //! Output goes through the build's *spooler*, a thread of its own: the pipe readers hand
 //! it chunks, it appends them to the build's [`Spool`] (assigning each its build-wide
@@ -31,6 +39,7 @@ use std::ffi::OsString;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -41,6 +50,7 @@ use tokio::net::unix::pipe;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{sleep, sleep_until};
 
+use crate::attach::Attachments;
 use crate::reaper::{ChildStatus, Reaper};
 use crate::spawn::{SpawnError, SpawnRequest};
 use crate::spool::{Spool, SpoolSet, SpoolWriter};
@@ -87,6 +97,9 @@ pub struct BuildSpec {
     /// Keep the directory after the command ended, for at most this long, until
     /// [`BuildControl::release`] (see the module doc, step 5).
     pub hold_after: Option<Duration>,
+    /// Like `hold_after`, but only when the build failed: its status is not exit 0, or
+    /// it timed out; never when it was cancelled.
+    pub hold_on_failure: Option<Duration>,
 }
 
 /// Which output stream a chunk belongs to.
@@ -224,6 +237,11 @@ pub struct Build {
     /// The build's output on disk, readable from any position while the build runs and
     /// after it finished (until removed).
     pub spool: Spool,
+    /// The exact environment the build's process got (the executor's base, the spec's
+    /// variables, tether's own), for shells opened in the build.
+    pub env: Arc<[(OsString, OsString)]>,
+    /// Interactive shells running in the build's directory; hung up before it is removed.
+    pub attachments: Attachments,
 }
 
 /// What the executor hands [`spawn`] beyond the spec.
@@ -232,7 +250,9 @@ pub(crate) struct Launch<'a> {
     pub spools: &'a std::sync::Arc<SpoolSet>,
     pub dir: BuildDir,
     pub id: String,
-    pub base_env: &'a [(OsString, OsString)],
+    /// The build's complete environment ([`build_env`]).
+    pub env: Arc<[(OsString, OsString)]>,
+    pub attachments: Attachments,
     pub fallback_shells: &'a [PathBuf],
     pub default_grace: Duration,
     pub chunk_size: usize,
@@ -253,6 +273,8 @@ pub(crate) fn spawn(spec: BuildSpec, launch: Launch<'_>) -> Result<Build, StartE
     match result {
         Ok((spooler, ready)) => Ok(supervise(spec, launch, spooler, ready)),
         Err(e) => {
+            // Shells opened in the prepared build's directory go with it.
+            launch.attachments.kill_all();
             if let Err(ce) = launch.dir.remove() {
                 tracing::warn!(error = %ce, "cannot remove the directory of a build that failed to start");
             }
@@ -361,26 +383,7 @@ struct Spawned {
 
 fn prepare_and_spawn(spec: &BuildSpec, launch: &Launch<'_>) -> Result<Spawned, StartError> {
     let cwd = resolve_workdir(&launch.dir.work, spec.workdir.as_deref())?;
-
-    // The environment: the executor's base, the spec's, then tether's own (which win:
-    // the private tmp dir is the point).
-    let mut env: Vec<(OsString, OsString)> = launch.base_env.to_vec();
-    let tmp = launch.dir.tmp.clone().into_os_string();
-    let own = [
-        ("TETHER_BUILD_ID", OsString::from(&launch.id)),
-        ("TMPDIR", tmp.clone()),
-        ("TMP", tmp.clone()),
-        ("TEMP", tmp),
-    ];
-    for (k, v) in spec
-        .env
-        .iter()
-        .cloned()
-        .chain(own.into_iter().map(|(k, v)| (OsString::from(k), v)))
-    {
-        env.retain(|(ek, _)| *ek != k);
-        env.push((k, v));
-    }
+    let env = &launch.env;
     let path_var = env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.clone());
 
     let (program, args, shell): (OsString, Vec<OsString>, Option<PathBuf>) = match &spec.command {
@@ -421,25 +424,18 @@ fn prepare_and_spawn(spec: &BuildSpec, launch: &Launch<'_>) -> Result<Spawned, S
     let request = SpawnRequest {
         program: &program,
         argv: &argv,
-        env: &env,
+        env,
         cwd: &cwd,
         stdin: stdin_r.as_ref().map(|fd| fd.as_raw_fd()),
         stdout: out_w.as_raw_fd(),
         stderr: err_w.as_raw_fd(),
+        tty: None,
     };
     let started = Instant::now();
     let (pid, status) = launch
         .reaper
         .spawn_with(|| crate::spawn::spawn(&request))
-        .map_err(|e| {
-            let program = program.to_string_lossy().into_owned();
-            match e {
-                SpawnError::NotFound => StartError::NotFound { program },
-                SpawnError::NotExecutable(source) => StartError::NotExecutable { program, source },
-                SpawnError::Nul => StartError::Nul,
-                SpawnError::Other(e) => StartError::Io(e),
-            }
-        })?;
+        .map_err(|e| start_error(&program, e))?;
     // The child holds its own copies now; ours of its ends must go, or EOF never comes.
     drop((out_w, err_w, stdin_r));
     enlarge_pipe(&out_r);
@@ -454,6 +450,46 @@ fn prepare_and_spawn(spec: &BuildSpec, launch: &Launch<'_>) -> Result<Spawned, S
         stderr: err_r,
         started,
     })
+}
+
+/// What a failed spawn of `program` means for the caller.
+pub(crate) fn start_error(program: &std::ffi::OsStr, e: SpawnError) -> StartError {
+    let program = program.to_string_lossy().into_owned();
+    match e {
+        SpawnError::NotFound => StartError::NotFound { program },
+        SpawnError::NotExecutable(source) => StartError::NotExecutable { program, source },
+        SpawnError::Nul => StartError::Nul,
+        SpawnError::Other(e) => StartError::Io(e),
+    }
+}
+
+/// The environment a build's process gets: the executor's `base`, the spec's variables
+/// on top, then tether's own (which win: the private tmp dir is the point). Computed
+/// once per build ([`crate::Prepared::env`], [`Build::env`]) so that shells opened in
+/// the build see exactly what its command saw.
+pub(crate) fn build_env(
+    base: &[(OsString, OsString)],
+    spec_env: &[(OsString, OsString)],
+    id: &str,
+    tmp: &Path,
+) -> Vec<(OsString, OsString)> {
+    let mut env: Vec<(OsString, OsString)> = base.to_vec();
+    let tmp = tmp.as_os_str().to_os_string();
+    let own = [
+        ("TETHER_BUILD_ID", OsString::from(id)),
+        ("TMPDIR", tmp.clone()),
+        ("TMP", tmp.clone()),
+        ("TEMP", tmp),
+    ];
+    for (k, v) in spec_env
+        .iter()
+        .cloned()
+        .chain(own.into_iter().map(|(k, v)| (OsString::from(k), v)))
+    {
+        env.retain(|(ek, _)| *ek != k);
+        env.push((k, v));
+    }
+    env
 }
 
 /// Bytes a build's output pipes hold before the build blocks (Linux's default is 64 KiB;
@@ -545,12 +581,16 @@ fn supervise(spec: BuildSpec, launch: Launch<'_>, spooler: Spooler, s: Spawned) 
             close: std::sync::Arc::new([close_out, close_err]),
         },
         spool,
+        env: Arc::clone(&launch.env),
+        attachments: launch.attachments.clone(),
     };
     let ctx = Supervisor {
         pgid: Pid::from_raw(s.pid as i32),
         grace: spec.grace.unwrap_or(launch.default_grace),
         timeout: spec.timeout,
         hold_after: spec.hold_after,
+        hold_on_failure: spec.hold_on_failure,
+        attachments: launch.attachments,
         reaper: launch.reaper.clone(),
         dir: launch.dir,
         id: launch.id,
@@ -565,6 +605,8 @@ struct Supervisor {
     grace: Duration,
     timeout: Option<Duration>,
     hold_after: Option<Duration>,
+    hold_on_failure: Option<Duration>,
+    attachments: Attachments,
     reaper: Reaper,
     dir: BuildDir,
     id: String,
@@ -640,14 +682,16 @@ impl Supervisor {
 
         // 5. Hold the directory for whoever wants files out of it.
         let mut status = status;
-        if let Some(hold) = self.hold_after {
+        if let Some(hold) = hold_for(self.hold_after, self.hold_on_failure, status, cause) {
             let _ = events.send(SpoolCmd::Held(Held { status, cause, hold })).await;
             if let Some(released) = hold_until_released(hold, &mut control).await {
                 status = Some(released);
+                cause = EndCause::Released;
             }
         }
 
-        // 6. Remove the directory, then report.
+        // 6. End the shells working in the directory, remove it, then report.
+        self.attachments.hang_up_all().await;
         let dir = self.dir;
         let cleanup_error = if dir.remove_if_empty() {
             None
@@ -801,6 +845,22 @@ async fn read_stream(
     offset
 }
 
+/// How long a build that ended so is held: `hold_after` always, `hold_on_failure` when
+/// it failed (not exit 0, or timed out) unless it was cancelled; the longer of the two.
+fn hold_for(
+    hold_after: Option<Duration>,
+    hold_on_failure: Option<Duration>,
+    status: Option<ChildStatus>,
+    cause: EndCause,
+) -> Option<Duration> {
+    let failed = match cause {
+        EndCause::Cancelled => false,
+        EndCause::TimedOut => true,
+        EndCause::Completed | EndCause::Released => status != Some(ChildStatus::Exited(0)),
+    };
+    hold_after.max(hold_on_failure.filter(|_| failed))
+}
+
 /// Waits for a release, a cancel or the end of the hold; returns the status a release
 /// chose, if any.
 async fn hold_until_released(hold: Duration, control: &mut mpsc::UnboundedReceiver<Control>) -> Option<ChildStatus> {
@@ -828,4 +888,56 @@ async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
 
 fn far_future() -> tokio::time::Instant {
     tokio::time::Instant::now() + Duration::from_secs(86400 * 365)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holds_on_failure_only_for_failures_that_were_not_cancelled() {
+        let s = Some(Duration::from_secs(60));
+        let ok = Some(ChildStatus::Exited(0));
+        let bad = Some(ChildStatus::Exited(3));
+        let killed = Some(ChildStatus::Signaled {
+            signal: 15,
+            core_dumped: false,
+        });
+        assert_eq!(hold_for(None, s, ok, EndCause::Completed), None);
+        assert_eq!(hold_for(None, s, bad, EndCause::Completed), s);
+        assert_eq!(hold_for(None, s, killed, EndCause::Completed), s);
+        assert_eq!(hold_for(None, s, killed, EndCause::TimedOut), s);
+        // A build that exits 0 right as it times out still timed out.
+        assert_eq!(hold_for(None, s, ok, EndCause::TimedOut), s);
+        assert_eq!(hold_for(None, s, killed, EndCause::Cancelled), None);
+        assert_eq!(hold_for(None, None, bad, EndCause::Completed), None);
+    }
+
+    #[test]
+    fn the_longer_hold_wins_when_both_apply() {
+        let short = Some(Duration::from_secs(1));
+        let long = Some(Duration::from_secs(60));
+        let bad = Some(ChildStatus::Exited(1));
+        assert_eq!(hold_for(short, long, bad, EndCause::Completed), long);
+        assert_eq!(hold_for(long, short, bad, EndCause::Completed), long);
+        // hold_after alone applies to successes and cancels alike.
+        assert_eq!(
+            hold_for(short, long, Some(ChildStatus::Exited(0)), EndCause::Completed),
+            short
+        );
+        assert_eq!(hold_for(short, long, bad, EndCause::Cancelled), short);
+    }
+
+    #[test]
+    fn tethers_own_variables_win_over_the_specs_and_the_base() {
+        let base = [("PATH".into(), "/bin".into()), ("TMPDIR".into(), "/tmp".into())];
+        let spec = [("PATH".into(), "/opt/bin".into()), ("TMP".into(), "/elsewhere".into())];
+        let env = build_env(&base, &spec, "b1", Path::new("/state/b1/tmp"));
+        let get = |k: &str| env.iter().find(|(ek, _)| ek == k).map(|(_, v)| v.clone());
+        assert_eq!(get("PATH"), Some("/opt/bin".into()));
+        assert_eq!(get("TMPDIR"), Some("/state/b1/tmp".into()));
+        assert_eq!(get("TMP"), Some("/state/b1/tmp".into()));
+        assert_eq!(get("TETHER_BUILD_ID"), Some("b1".into()));
+        assert_eq!(env.iter().filter(|(k, _)| k == "PATH").count(), 1);
+    }
 }

@@ -1,11 +1,13 @@
-//! The executor: the state dir, the reaper, and the factory of builds.
+//! The executor: the state dir, the reaper, and the factory of builds and shells.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::attach::Attachments;
 use crate::build::{self, Build, BuildSpec, Launch, StartError};
+use crate::interactive::{self, Shell, ShellLaunch, ShellSpec};
 use crate::reaper::Reaper;
 use crate::spool::{SpoolLimits, SpoolSet};
 use crate::statedir::BuildDir;
@@ -125,11 +127,38 @@ impl Executor {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_else(|| name.to_owned()),
         };
+        let env = build::build_env(&inner.config.base_env, &spec.env, &id, &dir.tmp).into();
         Ok(Prepared {
             executor: self.clone(),
             parts: Some((spec, dir)),
             id,
+            env,
+            attachments: Attachments::new(),
         })
+    }
+
+    /// Starts an interactive shell (or `spec.argv`) in a pty or with pipes; see
+    /// [`crate::interactive`]. With `attach`, the shell is listed there (a build's
+    /// [`Build::attachments`] or [`Prepared::attachments`]) and ends before the build's
+    /// directory is removed; a build that already began to end refuses it
+    /// ([`StartError::BadWorkdir`]). Must be called within a tokio runtime.
+    pub fn shell(&self, spec: ShellSpec, attach: Option<&Attachments>) -> Result<Shell, StartError> {
+        let inner = &*self.inner;
+        let cwd = spec.cwd.clone();
+        let start = move || {
+            interactive::start(
+                spec,
+                ShellLaunch {
+                    reaper: &inner.reaper,
+                    fallback_shells: &inner.config.fallback_shells,
+                    chunk_size: inner.config.chunk_size,
+                },
+            )
+        };
+        match attach {
+            Some(attachments) => attachments.attach(&cwd, start),
+            None => start(),
+        }
     }
 
     /// The output spools of this executor's builds.
@@ -162,6 +191,10 @@ pub struct Prepared {
     /// `None` once handed to the build or removed.
     parts: Option<(BuildSpec, BuildDir)>,
     id: String,
+    /// The build's environment, computed once: the build and its shells share it.
+    env: Arc<[(OsString, OsString)]>,
+    /// Shells opened in the directory before the build starts; they move into the build.
+    attachments: Attachments,
 }
 
 impl Prepared {
@@ -178,7 +211,19 @@ impl Prepared {
         }
     }
 
-    /// Starts the command; on error the directory is removed.
+    /// The environment the build's command will get (and [`Build::env`] will hold), for
+    /// shells opened in the prepared build.
+    pub fn env(&self) -> Vec<(OsString, OsString)> {
+        self.env.to_vec()
+    }
+
+    /// The list shells opened in this build attach to ([`Executor::shell`]). It moves
+    /// into the [`Build`] on start; dropping or discarding the `Prepared` kills them.
+    pub fn attachments(&self) -> Attachments {
+        self.attachments.clone()
+    }
+
+    /// Starts the command; on error the directory is removed (and attached shells end).
     pub fn start(mut self) -> Result<Build, StartError> {
         let (spec, dir) = self
             .parts
@@ -192,7 +237,8 @@ impl Prepared {
                 spools: &inner.spools,
                 dir,
                 id: self.id.clone(),
-                base_env: &inner.config.base_env,
+                env: Arc::clone(&self.env),
+                attachments: self.attachments.clone(),
                 fallback_shells: &inner.config.fallback_shells,
                 default_grace: inner.config.default_grace,
                 chunk_size: inner.config.chunk_size,
@@ -200,14 +246,16 @@ impl Prepared {
         )
     }
 
-    /// Removes the directory and whatever was put into it (a blocking call: run it off
-    /// the async runtime's threads when the tree may be large).
+    /// Kills the shells attached to it, then removes the directory and whatever was put
+    /// into it (a blocking call: run it off the async runtime's threads when the tree
+    /// may be large).
     pub fn discard(mut self) {
         self.remove_dir();
     }
 
     fn remove_dir(&mut self) {
         if let Some((_, dir)) = self.parts.take() {
+            self.attachments.kill_all();
             if let Err(e) = dir.remove() {
                 tracing::warn!(build = %self.id, error = %e, "cannot remove the directory of a build that never started");
             }

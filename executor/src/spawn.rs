@@ -11,6 +11,12 @@
 //! `posix_spawnp` would search the daemon's PATH, not the build's, so the program is
 //! resolved here against the build's PATH, as `execvp` would in the child.
 //!
+//! With [`SpawnRequest::tty`], the child opens a pty's slave as its stdin, stdout and
+//! stderr (a file action, still no `fork`). glibc performs `POSIX_SPAWN_SETSID` before
+//! the file actions, so the child is a session leader without a controlling terminal
+//! when it opens the slave, and opening it without `O_NOCTTY` makes it the session's
+//! controlling terminal, as a login does.
+//!
 //! On an exec failure glibc reaps the failed child itself: callers must hold the
 //! reaper's lock across [`spawn`] (see [`crate::reaper::Reaper::spawn_with`]).
 
@@ -29,10 +35,15 @@ pub struct SpawnRequest<'a> {
     pub argv: &'a [OsString],
     pub env: &'a [(OsString, OsString)],
     pub cwd: &'a Path,
-    /// The child's stdin; `None` for /dev/null.
+    /// The child's stdin; `None` for /dev/null. Ignored with `tty`.
     pub stdin: Option<RawFd>,
+    /// Ignored with `tty`.
     pub stdout: RawFd,
+    /// Ignored with `tty`.
     pub stderr: RawFd,
+    /// A terminal (a pty's slave) the child opens as fd 0, 1 and 2 and acquires as its
+    /// controlling terminal; `stdin`, `stdout` and `stderr` are not used then.
+    pub tty: Option<&'a Path>,
 }
 
 /// Why spawning failed.
@@ -140,8 +151,11 @@ pub fn spawn(req: &SpawnRequest<'_>) -> Result<i32, SpawnError> {
         })
         .collect::<Result<_, _>>()?;
     let cwd = cstring(req.cwd.as_os_str())?;
-    let null = std::fs::File::open("/dev/null").map_err(SpawnError::Other)?;
-    let stdin = req.stdin.unwrap_or(null.as_raw_fd());
+    let tty = req.tty.map(|p| cstring(p.as_os_str())).transpose()?;
+    let null = match (req.stdin, &tty) {
+        (None, None) => Some(std::fs::File::open("/dev/null").map_err(SpawnError::Other)?),
+        _ => None,
+    };
 
     let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
     argv_ptrs.push(std::ptr::null());
@@ -162,8 +176,30 @@ pub fn spawn(req: &SpawnRequest<'_>) -> Result<i32, SpawnError> {
         let mut all = MaybeUninit::<libc::sigset_t>::zeroed();
         libc::sigfillset(all.as_mut_ptr());
         check(libc::posix_spawnattr_setsigdefault(&mut s.attr, all.as_ptr()))?;
-        for (fd, target) in [(stdin, 0), (req.stdout, 1), (req.stderr, 2)] {
-            check(libc::posix_spawn_file_actions_adddup2(&mut s.actions, fd, target))?;
+        match &tty {
+            Some(tty) => {
+                // No O_NOCTTY: the session leader's first terminal becomes its own. The
+                // path is copied by glibc; the open happens in the child.
+                check(libc::posix_spawn_file_actions_addopen(
+                    &mut s.actions,
+                    0,
+                    tty.as_ptr(),
+                    libc::O_RDWR,
+                    0,
+                ))?;
+                for target in [1, 2] {
+                    check(libc::posix_spawn_file_actions_adddup2(&mut s.actions, 0, target))?;
+                }
+            }
+            None => {
+                // `null` is open exactly when there is no stdin fd.
+                let stdin = req.stdin.or(null.as_ref().map(|f| f.as_raw_fd()));
+                for (fd, target) in [(stdin, 0), (Some(req.stdout), 1), (Some(req.stderr), 2)] {
+                    if let Some(fd) = fd {
+                        check(libc::posix_spawn_file_actions_adddup2(&mut s.actions, fd, target))?;
+                    }
+                }
+            }
         }
         check(libc::posix_spawn_file_actions_addchdir_np(&mut s.actions, cwd.as_ptr()))?;
         let mut pid: libc::pid_t = 0;

@@ -13,6 +13,9 @@ pub enum EndCause {
     Cancelled,
     /// Its timeout expired.
     TimedOut,
+    /// It was held ([`crate::BuildSpec::hold_after`], `hold_on_failure`) and a release
+    /// chose the status it finishes with (not its own).
+    Released,
 }
 
 /// The end of a build, delivered after its output and after its directory is gone.
@@ -40,6 +43,7 @@ impl EndCause {
             EndCause::Completed => "completed",
             EndCause::Cancelled => "cancelled",
             EndCause::TimedOut => "timed_out",
+            EndCause::Released => "released",
         }
     }
 }

@@ -37,6 +37,7 @@ fn script(s: &str) -> BuildSpec {
         grace: None,
         stdin: false,
         hold_after: None,
+        hold_on_failure: None,
     }
 }
 
@@ -548,4 +549,98 @@ async fn a_prepared_build_runs_with_what_was_put_into_its_work_dir() {
     let prepared = ex.prepare(script("true")).unwrap();
     prepared.discard();
     assert!(build_dirs(&ex).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hold_on_failure_skips_a_build_that_succeeded() {
+    let t = tempfile::tempdir().unwrap();
+    let ex = executor(t.path());
+    let mut spec = script("echo fine");
+    spec.hold_on_failure = Some(Duration::from_secs(600));
+    // `finish` fails on a Held event.
+    let f = finish(ex.start(spec).unwrap()).await;
+    assert_eq!(f.outcome.status, Some(ChildStatus::Exited(0)));
+    assert!(build_dirs(&ex).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hold_on_failure_holds_a_failed_build_until_released() {
+    let t = tempfile::tempdir().unwrap();
+    let ex = executor(t.path());
+    let mut spec = script("echo partial > log.txt; exit 3");
+    spec.hold_on_failure = Some(Duration::from_secs(600));
+    let mut build = ex.start(spec).unwrap();
+    let work = build.work_root.clone();
+    let (_, held) = until_held(&mut build).await;
+    assert_eq!(held.status, Some(ChildStatus::Exited(3)));
+    assert_eq!(held.cause, EndCause::Completed);
+    assert_eq!(held.hold, Duration::from_secs(600));
+    assert_eq!(std::fs::read(work.join("log.txt")).unwrap(), b"partial\n");
+    build.control.release(None);
+    let outcome = outcome_after_hold(&mut build).await;
+    assert_eq!(outcome.status, Some(ChildStatus::Exited(3)));
+    assert!(!work.exists());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hold_on_failure_holds_a_timed_out_build_but_not_a_cancelled_one() {
+    let t = tempfile::tempdir().unwrap();
+    let ex = executor(t.path());
+    let mut spec = script("exec sleep 100");
+    spec.timeout = Some(Duration::from_millis(100));
+    spec.hold_on_failure = Some(Duration::from_secs(600));
+    let mut build = ex.start(spec).unwrap();
+    let (_, held) = until_held(&mut build).await;
+    assert_eq!(held.cause, EndCause::TimedOut);
+    build.control.release(None);
+    assert_eq!(outcome_after_hold(&mut build).await.cause, EndCause::TimedOut);
+
+    let mut spec = script("echo ready; exec sleep 100");
+    spec.hold_on_failure = Some(Duration::from_secs(600));
+    let mut build = ex.start(spec).unwrap();
+    wait_for_stdout(&mut build, "ready").await;
+    build.control.cancel(false);
+    // `finish` fails on a Held event: the user stopped it, nothing is kept.
+    let f = finish(build).await;
+    assert_eq!(f.outcome.cause, EndCause::Cancelled);
+    assert!(build_dirs(&ex).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_both_holds_the_longer_one_applies() {
+    let t = tempfile::tempdir().unwrap();
+    let ex = executor(t.path());
+    let mut spec = script("exit 1");
+    spec.hold_after = Some(Duration::from_millis(10));
+    spec.hold_on_failure = Some(Duration::from_secs(600));
+    let mut build = ex.start(spec).unwrap();
+    let (_, held) = until_held(&mut build).await;
+    assert_eq!(held.hold, Duration::from_secs(600));
+    build.control.release(None);
+    assert_eq!(
+        outcome_after_hold(&mut build).await.status,
+        Some(ChildStatus::Exited(1))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_build_env_is_what_the_command_got() {
+    let t = tempfile::tempdir().unwrap();
+    let ex = executor(t.path());
+    let mut spec = script("printf '%s %s %s' \"$TETHER_BUILD_ID\" \"$TMPDIR\" \"$MINE\"");
+    spec.env = vec![("MINE".into(), "from-spec".into())];
+    let prepared = ex.prepare(spec).unwrap();
+    let env = prepared.env();
+    let build = prepared.start().unwrap();
+    assert_eq!(&*build.env, env.as_slice(), "computed once, shared");
+    let get = |k: &str| {
+        env.iter()
+            .find(|(ek, _)| ek == k)
+            .map(|(_, v)| v.to_string_lossy().into_owned())
+            .unwrap()
+    };
+    let expected = format!("{} {} {}", get("TETHER_BUILD_ID"), get("TMPDIR"), get("MINE"));
+    assert_eq!(get("TETHER_BUILD_ID"), build.id);
+    let f = finish(build).await;
+    assert_eq!(String::from_utf8(f.stdout).unwrap(), expected);
 }

@@ -8,14 +8,16 @@ use std::path::PathBuf;
 
 use tether_protocol::{
     encode_frame, BuildId, BuildState, BuildSummary, Bytes, ClientMessage, CommandSpec, DaemonMessage, EndCause,
-    ExitStatus, Exited, GapReason, Hello, Limits, OutputStream, RunSpec, Started, Welcome, DEFAULT_UPLOAD_WINDOW,
-    FRAME_HEADER_LEN, PREAMBLE, PROTOCOL_VERSION,
+    EnvVar, ExitStatus, Exited, GapReason, Hello, Limits, OutputStream, RunSpec, ShellSpec, Started, Welcome,
+    WindowSize, DEFAULT_UPLOAD_WINDOW, FRAME_HEADER_LEN, PREAMBLE, PROTOCOL_VERSION,
 };
 
 fn client_messages() -> Vec<ClientMessage> {
     let mut spec = RunSpec::new(CommandSpec::script("make -j4 test"));
     spec.id = Some("build-1".into());
     spec.stdin = true;
+    spec.hold_on_failure_ms = Some(1_800_000);
+    spec.hold_before_ms = Some(60_000);
     vec![
         ClientMessage::Hello(Hello {
             protocol: PROTOCOL_VERSION,
@@ -47,6 +49,34 @@ fn client_messages() -> Vec<ClientMessage> {
             req: 4,
             build: BuildId("build-1".into()),
             force: false,
+        },
+        ClientMessage::OpenShell {
+            req: 5,
+            spec: ShellSpec {
+                build: Some(BuildId("build-1".into())),
+                argv: None,
+                shell: None,
+                env: vec![EnvVar {
+                    name: Bytes::from(b"TERM".to_vec()),
+                    value: Bytes::from(b"xterm-256color".to_vec()),
+                }],
+                tty: Some(WindowSize { rows: 24, cols: 80 }),
+            },
+        },
+        ClientMessage::ShellInput {
+            shell: 5,
+            offset: 0,
+            data: Bytes::from(b"ls -l\r".to_vec()),
+        },
+        ClientMessage::ShellResize {
+            shell: 5,
+            size: WindowSize { rows: 50, cols: 300 },
+        },
+        ClientMessage::ShellHangUp { shell: 5 },
+        ClientMessage::Release {
+            req: 6,
+            build: BuildId("build-2".into()),
+            status: None,
         },
     ]
 }
@@ -95,6 +125,29 @@ fn daemon_messages() -> Vec<DaemonMessage> {
             reason: GapReason::Quota,
         },
         DaemonMessage::Attached { req: 2, build: summary },
+        DaemonMessage::ShellOpened {
+            req: 5,
+            pid: 43,
+            program: Bytes::from(b"/bin/sh".to_vec()),
+            build: Some(build.clone()),
+        },
+        DaemonMessage::ShellOutput {
+            shell: 5,
+            stream: OutputStream::Stdout,
+            data: Bytes::from(b"ls -l\r\ntotal 0\r\n$ ".to_vec()),
+        },
+        DaemonMessage::ShellInputAck { shell: 5, consumed: 6 },
+        DaemonMessage::ShellExited {
+            shell: 5,
+            status: ExitStatus::Signal {
+                signal: 1,
+                core_dumped: false,
+            },
+        },
+        DaemonMessage::HeldBefore {
+            build: BuildId("build-2".into()),
+            until_ms: 1_700_000_000_000,
+        },
         DaemonMessage::Exited(Exited {
             build,
             status: ExitStatus::Code(2),

@@ -1,7 +1,9 @@
 //! Prints real frames, hex-dumped in `xxd` style, for the "Example" section of
 //! PROTOCOL.md: `cargo run -p tether-protocol --example hello_hex`.
 
-use tether_protocol::{encode_frame, ClientMessage, CommandSpec, Hello, RunSpec, FRAME_HEADER_LEN, PREAMBLE};
+use tether_protocol::{
+    encode_frame, ClientMessage, CommandSpec, Hello, RunSpec, FRAME_HEADER_LEN, PREAMBLE, PROTOCOL_VERSION,
+};
 
 fn xxd(bytes: &[u8]) {
     for (row, chunk) in bytes.chunks(16).enumerate() {
@@ -42,7 +44,7 @@ fn main() {
     show(
         "Hello",
         &ClientMessage::Hello(Hello {
-            protocol: 3,
+            protocol: PROTOCOL_VERSION,
             client_version: "0.1.0".into(),
             capabilities: vec![],
         }),
@@ -65,6 +67,8 @@ fn main() {
                 wait_for: vec![],
                 wait_timeout_ms: None,
                 hold_after_ms: None,
+                hold_on_failure_ms: None,
+                hold_before_ms: None,
             }),
             follow: true,
         },

@@ -101,13 +101,34 @@ pub enum ClientMessage {
         path: Bytes,
     },
     /// Tag 13. End a build's hold ([`DaemonMessage::Held`]): its directory is removed and
-    /// it finishes with `status`, or the status it held with when `None`. Answered by
-    /// [`DaemonMessage::Ack`].
+    /// it finishes with `status`, or the status it held with when `None`. A build held
+    /// before its command ([`DaemonMessage::HeldBefore`]) starts it (`status` must be
+    /// `None` then). Answered by [`DaemonMessage::Ack`].
     Release {
         req: RequestId,
         build: BuildId,
         status: Option<ExitStatus>,
     },
+    /// Tag 14. Open a shell (or `spec.argv`) in the daemon's container, in a terminal the
+    /// daemon allocates (`spec.tty`) or with pipes; answered by
+    /// [`DaemonMessage::ShellOpened`] or an error. `req` names the shell in every later
+    /// message about it. A shell belongs to its session: when the session ends, the
+    /// shell is hung up (SIGHUP to its session, SIGKILL after a grace period).
+    OpenShell { req: RequestId, spec: ShellSpec },
+    /// Tag 15. Bytes for shell `shell`'s terminal (keystrokes) or stdin pipe, at most
+    /// [`crate::MAX_CHUNK`], starting at stream position `offset`, within
+    /// [`Limits::stdin_window`] of the last [`DaemonMessage::ShellInputAck`]. A piece
+    /// that does not start where the previous one ended hangs the shell up.
+    ShellInput { shell: RequestId, offset: u64, data: Bytes },
+    /// Tag 16. End of the shell's input: its stdin pipe is closed. Ignored with a
+    /// terminal (a terminal's end of input is the `^D` the user types).
+    ShellInputEnd { shell: RequestId },
+    /// Tag 17. The client's terminal changed size: the shell's terminal follows (its
+    /// foreground job gets SIGWINCH). Ignored without a terminal.
+    ShellResize { shell: RequestId, size: WindowSize },
+    /// Tag 18. End the shell: SIGHUP (and SIGCONT) to every process of its session,
+    /// SIGKILL after a grace period. [`DaemonMessage::ShellExited`] follows.
+    ShellHangUp { shell: RequestId },
 }
 
 /// A SHA-256 digest.
@@ -183,6 +204,56 @@ pub enum DaemonMessage {
     /// preparation (readiness gates, fetches, uploads) is done; [`DaemonMessage::Started`]
     /// or an error follows.
     Preparing { req: RequestId, build: BuildId },
+    /// Tag 18. Answer to [`ClientMessage::OpenShell`] `req`: the shell runs as `pid`
+    /// (`program`), in `build`'s work dir with its environment when the spec named one.
+    ShellOpened {
+        req: RequestId,
+        pid: u32,
+        program: Bytes,
+        build: Option<BuildId>,
+    },
+    /// Tag 19. Output of shell `shell`: its terminal's output (always `Stdout`), or its
+    /// stdout or stderr pipe. Not spooled: a shell lives only as long as its session.
+    ShellOutput {
+        shell: RequestId,
+        stream: OutputStream,
+        data: Bytes,
+    },
+    /// Tag 20. `consumed` input bytes of shell `shell` were written to it in total.
+    ShellInputAck { shell: RequestId, consumed: u64 },
+    /// Tag 21. Shell `shell` ended with `status` (its main process's, exactly as `wait`
+    /// reported it) after all its output, and no process of its session is left.
+    ShellExited { shell: RequestId, status: ExitStatus },
+    /// Tag 22. The build's preparation is done and its command waits for a
+    /// [`ClientMessage::Release`] ([`RunSpec::hold_before_ms`]), or for `until_ms`
+    /// (milliseconds since the Unix epoch), when it starts on its own.
+    /// [`DaemonMessage::Started`] follows the release.
+    HeldBefore { build: BuildId, until_ms: u64 },
+}
+
+/// A terminal's size in character cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WindowSize {
+    pub rows: u16,
+    pub cols: u16,
+}
+
+/// What [`ClientMessage::OpenShell`] runs, and where.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShellSpec {
+    /// Run in this build's work dir (its `workdir` when it has one) with the
+    /// environment its command has: a running build, a held one, or one held before
+    /// its command starts. `None`: the daemon's cwd and environment.
+    pub build: Option<BuildId>,
+    /// The program to run, `argv[0]` looked up in the PATH of that environment;
+    /// `None` for an interactive shell (`shell`, or one found as builds find theirs).
+    pub argv: Option<Vec<Bytes>>,
+    /// The shell to run when `argv` is `None`.
+    pub shell: Option<Bytes>,
+    /// Added to (and overriding) that environment (the client's `TERM`).
+    pub env: Vec<EnvVar>,
+    /// A terminal of this size, or `None` for pipes (stdin, stdout, stderr).
+    pub tty: Option<WindowSize>,
 }
 
 /// Why output is missing ([`DaemonMessage::Gap`]).
@@ -268,6 +339,11 @@ pub enum BuildState {
         cause: EndCause,
         until_ms: u64,
     },
+    /// Prepared; its command waits for a release, or starts on its own at `until_ms`
+    /// ([`DaemonMessage::HeldBefore`]).
+    HeldBefore {
+        until_ms: u64,
+    },
 }
 
 /// What to run and how.
@@ -306,6 +382,14 @@ pub struct RunSpec {
     /// Keep the build's directory after its command ends, for at most this many
     /// milliseconds, until a [`ClientMessage::Release`] (for downloads).
     pub hold_after_ms: Option<u64>,
+    /// When the command fails (a non-zero status, a signal, a timeout; not a cancel),
+    /// hold the build as [`RunSpec::hold_after_ms`] does, for at most this many
+    /// milliseconds (the longer of the two when both apply), for a person to look inside.
+    pub hold_on_failure_ms: Option<u64>,
+    /// After the preparation, hold the build before its command starts
+    /// ([`DaemonMessage::HeldBefore`]) until a [`ClientMessage::Release`], or this many
+    /// milliseconds, after which it starts on its own.
+    pub hold_before_ms: Option<u64>,
 }
 
 /// One upload of a [`RunSpec`].
@@ -344,12 +428,18 @@ impl RunSpec {
             wait_for: Vec::new(),
             wait_timeout_ms: None,
             hold_after_ms: None,
+            hold_on_failure_ms: None,
+            hold_before_ms: None,
         }
     }
 
-    /// Whether the command waits for gates, fetches or uploads before it starts.
+    /// Whether the command waits for gates, fetches, uploads or a release before it
+    /// starts.
     pub fn prepares(&self) -> bool {
-        !self.uploads.is_empty() || !self.fetches.is_empty() || !self.wait_for.is_empty()
+        !self.uploads.is_empty()
+            || !self.fetches.is_empty()
+            || !self.wait_for.is_empty()
+            || self.hold_before_ms.is_some()
     }
 }
 
@@ -434,6 +524,9 @@ pub enum EndCause {
     Cancelled,
     /// Its timeout expired.
     TimedOut,
+    /// It was held ([`DaemonMessage::Held`]) and a [`ClientMessage::Release`] chose the
+    /// status it finished with, replacing its own.
+    Released,
 }
 
 /// An error, with what it concerns.

@@ -93,11 +93,21 @@ fn run_spec() -> impl Strategy<Value = RunSpec> {
                 wait_for: prepare.2,
                 wait_timeout_ms: prepare.3,
                 hold_after_ms: prepare.4,
+                hold_on_failure_ms: prepare.5,
+                hold_before_ms: prepare.6,
             },
         )
 }
 
-type Prepare = (Vec<UploadSpec>, Vec<FetchSpec>, Vec<String>, Option<u64>, Option<u64>);
+type Prepare = (
+    Vec<UploadSpec>,
+    Vec<FetchSpec>,
+    Vec<String>,
+    Option<u64>,
+    Option<u64>,
+    Option<u64>,
+    Option<u64>,
+);
 
 fn prepare() -> impl Strategy<Value = Prepare> {
     (
@@ -113,7 +123,38 @@ fn prepare() -> impl Strategy<Value = Prepare> {
         vec(text(), 0..3),
         proptest::option::of(int()),
         proptest::option::of(int()),
+        proptest::option::of(int()),
+        proptest::option::of(int()),
     )
+}
+
+fn window_size() -> impl Strategy<Value = WindowSize> {
+    let dim = || prop_oneof![0..=250u16, any::<u16>()];
+    (dim(), dim()).prop_map(|(rows, cols)| WindowSize { rows, cols })
+}
+
+fn shell_spec() -> impl Strategy<Value = ShellSpec> {
+    (
+        proptest::option::of(build_id()),
+        proptest::option::of(vec(bytes(), 0..4)),
+        opt_bytes(),
+        vec(
+            (bytes(), bytes()).prop_map(|(name, value)| EnvVar { name, value }),
+            0..4,
+        ),
+        proptest::option::of(window_size()),
+    )
+        .prop_map(|(build, argv, shell, env, tty)| ShellSpec {
+            build,
+            argv,
+            shell,
+            env,
+            tty,
+        })
+}
+
+fn output_stream() -> impl Strategy<Value = OutputStream> {
+    prop_oneof![Just(OutputStream::Stdout), Just(OutputStream::Stderr)]
 }
 
 /// Messages are generated freely; several large fields together can exceed a frame,
@@ -166,6 +207,11 @@ fn client_message() -> impl Strategy<Value = ClientMessage> {
                 OutputStream::Stdout
             },
         }),
+        (int(), shell_spec()).prop_map(|(req, spec)| ClientMessage::OpenShell { req, spec }),
+        (int(), int(), bytes()).prop_map(|(shell, offset, data)| ClientMessage::ShellInput { shell, offset, data }),
+        int().prop_map(|shell| ClientMessage::ShellInputEnd { shell }),
+        (int(), window_size()).prop_map(|(shell, size)| ClientMessage::ShellResize { shell, size }),
+        int().prop_map(|shell| ClientMessage::ShellHangUp { shell }),
     ]
     .prop_filter("fits in a frame", fits)
 }
@@ -209,6 +255,7 @@ fn daemon_message() -> impl Strategy<Value = DaemonMessage> {
         prop_oneof![
             Just(BuildState::Running),
             Just(BuildState::Preparing),
+            int().prop_map(|until_ms| BuildState::HeldBefore { until_ms }),
             (exit_status(), int()).prop_map(|(status, until_ms)| BuildState::Held {
                 status,
                 cause: EndCause::TimedOut,
@@ -284,25 +331,20 @@ fn daemon_message() -> impl Strategy<Value = DaemonMessage> {
             },
         }),
         (int(), build_id(), int()).prop_map(|(req, build, position)| DaemonMessage::LogEnd { req, build, position }),
-        (
-            build_id(),
-            prop_oneof![Just(OutputStream::Stdout), Just(OutputStream::Stderr)],
-            int(),
-            bytes()
-        )
-            .prop_map(|(build, stream, offset, data)| DaemonMessage::Output {
-                build,
-                stream,
-                offset,
-                data
-            }),
+        (build_id(), output_stream(), int(), bytes()).prop_map(|(build, stream, offset, data)| DaemonMessage::Output {
+            build,
+            stream,
+            offset,
+            data
+        }),
         (
             build_id(),
             exit_status(),
             prop_oneof![
                 Just(EndCause::Completed),
                 Just(EndCause::Cancelled),
-                Just(EndCause::TimedOut)
+                Just(EndCause::TimedOut),
+                Just(EndCause::Released)
             ],
             int(),
             int(),
@@ -334,6 +376,22 @@ fn daemon_message() -> impl Strategy<Value = DaemonMessage> {
             sha256
         }),
         (int(), build_id()).prop_map(|(req, build)| DaemonMessage::Preparing { req, build }),
+        (int(), int32(), bytes(), proptest::option::of(build_id())).prop_map(|(req, pid, program, build)| {
+            DaemonMessage::ShellOpened {
+                req,
+                pid,
+                program,
+                build,
+            }
+        }),
+        (int(), output_stream(), bytes()).prop_map(|(shell, stream, data)| DaemonMessage::ShellOutput {
+            shell,
+            stream,
+            data
+        }),
+        (int(), int()).prop_map(|(shell, consumed)| DaemonMessage::ShellInputAck { shell, consumed }),
+        (int(), exit_status()).prop_map(|(shell, status)| DaemonMessage::ShellExited { shell, status }),
+        (build_id(), int()).prop_map(|(build, until_ms)| DaemonMessage::HeldBefore { build, until_ms }),
     ]
     .prop_filter("fits in a frame", fits)
 }

@@ -31,6 +31,11 @@ fn client_tag(m: &ClientMessage) -> u8 {
         ClientMessage::UploadEnd { .. } => 11,
         ClientMessage::Download { .. } => 12,
         ClientMessage::Release { .. } => 13,
+        ClientMessage::OpenShell { .. } => 14,
+        ClientMessage::ShellInput { .. } => 15,
+        ClientMessage::ShellInputEnd { .. } => 16,
+        ClientMessage::ShellResize { .. } => 17,
+        ClientMessage::ShellHangUp { .. } => 18,
     }
 }
 
@@ -55,11 +60,16 @@ fn daemon_tag(m: &DaemonMessage) -> u8 {
         DaemonMessage::DownloadData { .. } => 15,
         DaemonMessage::DownloadEnd { .. } => 16,
         DaemonMessage::Preparing { .. } => 17,
+        DaemonMessage::ShellOpened { .. } => 18,
+        DaemonMessage::ShellOutput { .. } => 19,
+        DaemonMessage::ShellInputAck { .. } => 20,
+        DaemonMessage::ShellExited { .. } => 21,
+        DaemonMessage::HeldBefore { .. } => 22,
     }
 }
 
-const CLIENT_TAGS: u8 = 14;
-const DAEMON_TAGS: u8 = 18;
+const CLIENT_TAGS: u8 = 19;
+const DAEMON_TAGS: u8 = 23;
 
 fn all_error_kinds() -> Vec<ErrorKind> {
     use ErrorKind::*;
@@ -102,6 +112,8 @@ fn run_spec(command: CommandSpec) -> RunSpec {
         wait_for: vec![],
         wait_timeout_ms: None,
         hold_after_ms: None,
+        hold_on_failure_ms: None,
+        hold_before_ms: None,
     }
 }
 
@@ -161,6 +173,8 @@ fn client_messages() -> Vec<ClientMessage> {
                 wait_for: vec!["http://localhost:5000/v2/".into(), "tcp://db:5432".into()],
                 wait_timeout_ms: Some(120_000),
                 hold_after_ms: Some(600_000),
+                hold_on_failure_ms: Some(1_800_000),
+                hold_before_ms: Some(u64::MAX),
             }),
             follow: false,
         },
@@ -250,6 +264,67 @@ fn client_messages() -> Vec<ClientMessage> {
             build: build("b-1"),
             status: Some(ExitStatus::Code(0)),
         },
+        ClientMessage::Run {
+            req: 18,
+            spec: Box::new(RunSpec {
+                hold_on_failure_ms: Some(0),
+                hold_before_ms: Some(3_600_000),
+                ..run_spec(CommandSpec::Argv(vec![b(b"make")]))
+            }),
+            follow: true,
+        },
+        ClientMessage::OpenShell {
+            req: 19,
+            spec: ShellSpec {
+                build: Some(build("b-1")),
+                argv: None,
+                shell: None,
+                env: vec![EnvVar {
+                    name: b(b"TERM"),
+                    value: b(b"xterm-256color"),
+                }],
+                tty: Some(WindowSize { rows: 24, cols: 80 }),
+            },
+        },
+        ClientMessage::OpenShell {
+            req: u64::MAX,
+            spec: ShellSpec {
+                build: None,
+                argv: Some(vec![b(b"cat"), b(b"\xff-not-utf-8"), b(b"")]),
+                shell: Some(b(b"/bin/bash")),
+                env: vec![],
+                tty: None,
+            },
+        },
+        ClientMessage::OpenShell {
+            req: 20,
+            spec: ShellSpec {
+                build: Some(build("")),
+                argv: Some(vec![]),
+                shell: None,
+                env: vec![],
+                tty: Some(WindowSize {
+                    rows: u16::MAX,
+                    cols: 0,
+                }),
+            },
+        },
+        ClientMessage::ShellInput {
+            shell: 19,
+            offset: 0,
+            data: b(b"ls\r"),
+        },
+        ClientMessage::ShellInput {
+            shell: 19,
+            offset: u64::MAX - 1,
+            data: Bytes::from(vec![0x3c; MAX_CHUNK]),
+        },
+        ClientMessage::ShellInputEnd { shell: 19 },
+        ClientMessage::ShellResize {
+            shell: 19,
+            size: WindowSize { rows: 50, cols: 300 },
+        },
+        ClientMessage::ShellHangUp { shell: 19 },
     ]
 }
 
@@ -432,7 +507,62 @@ fn daemon_messages() -> Vec<DaemonMessage> {
                         until_ms: 77,
                     },
                 },
+                BuildSummary {
+                    build: build("hb"),
+                    command: "make".into(),
+                    pid: 0,
+                    started_at_ms: 5,
+                    output_end: 0,
+                    state: BuildState::HeldBefore {
+                        until_ms: 1_700_000_600_000,
+                    },
+                },
             ],
+        },
+        DaemonMessage::ShellOpened {
+            req: 19,
+            pid: 4243,
+            program: b(b"/bin/bash"),
+            build: Some(build("b-1")),
+        },
+        DaemonMessage::ShellOpened {
+            req: u64::MAX,
+            pid: u32::MAX,
+            program: b(b"\xffcat"),
+            build: None,
+        },
+        DaemonMessage::ShellOutput {
+            shell: 19,
+            stream: OutputStream::Stdout,
+            data: b(b"\x1b[1mroot@b-1\x1b[0m:/work# "),
+        },
+        DaemonMessage::ShellOutput {
+            shell: u64::MAX,
+            stream: OutputStream::Stderr,
+            data: Bytes::from(vec![0xF4; MAX_CHUNK]),
+        },
+        DaemonMessage::ShellInputAck {
+            shell: 19,
+            consumed: 1 << 20,
+        },
+        DaemonMessage::ShellExited {
+            shell: 19,
+            status: ExitStatus::Code(0),
+        },
+        DaemonMessage::ShellExited {
+            shell: 20,
+            status: ExitStatus::Signal {
+                signal: 1,
+                core_dumped: false,
+            },
+        },
+        DaemonMessage::HeldBefore {
+            build: build("b-4"),
+            until_ms: 1_700_000_600_000,
+        },
+        DaemonMessage::HeldBefore {
+            build: build("b-4"),
+            until_ms: 0,
         },
     ];
     let statuses = [
@@ -449,7 +579,12 @@ fn daemon_messages() -> Vec<DaemonMessage> {
             core_dumped: true,
         },
     ];
-    let causes = [EndCause::Completed, EndCause::Cancelled, EndCause::TimedOut];
+    let causes = [
+        EndCause::Completed,
+        EndCause::Cancelled,
+        EndCause::TimedOut,
+        EndCause::Released,
+    ];
     for (i, status) in statuses.into_iter().enumerate() {
         v.push(DaemonMessage::Exited(Exited {
             build: build("b-1"),
@@ -544,7 +679,7 @@ fn payload<T: Serialize>(msg: &T) -> Vec<u8> {
 fn example_frames_of_protocol_md() {
     // The two frames dumped in PROTOCOL.md, "Example": keep them in sync.
     let hello = ClientMessage::Hello(Hello {
-        protocol: 3,
+        protocol: 4,
         client_version: "0.1.0".into(),
         capabilities: vec![],
     });
@@ -553,9 +688,13 @@ fn example_frames_of_protocol_md() {
     assert_eq!(
         f,
         [
-            0xf4, 0x54, 0x48, 0x52, 0x09, 0x00, 0x00, 0x00, 0xde, 0x1a, 0xec, 0xc9, 0x00, 0x03, 0x05, b'0', b'.', b'1',
+            0xf4, 0x54, 0x48, 0x52, 0x09, 0x00, 0x00, 0x00, 0xda, 0x1f, 0xb5, 0x33, 0x00, 0x04, 0x05, b'0', b'.', b'1',
             b'.', b'0', 0x00
         ]
+    );
+    assert_eq!(
+        tether_protocol::frame::frame_crc(&f[..8], &f[FRAME_HEADER_LEN..]),
+        0x33b5_1fda
     );
     let run = ClientMessage::Run {
         req: 1,
@@ -564,19 +703,26 @@ fn example_frames_of_protocol_md() {
     };
     let mut f = Vec::new();
     encode_frame(&run, &mut f).unwrap();
+    // 12 empty RunSpec fields from env to hold_after_ms, then hold_on_failure_ms and
+    // hold_before_ms (None), then follow.
     assert_eq!(
         f,
         [
-            0xf4, 0x54, 0x48, 0x52, 0x19, 0x00, 0x00, 0x00, 0x0a, 0x1e, 0xb4, 0x6b, 0x03, 0x01, 0x00, 0x02, 0x04, b'e',
+            0xf4, 0x54, 0x48, 0x52, 0x1b, 0x00, 0x00, 0x00, 0x1f, 0x47, 0x72, 0x51, 0x03, 0x01, 0x00, 0x02, 0x04, b'e',
             b'c', b'h', b'o', 0x02, b'h', b'i', 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
-            0x01
+            0x00, 0x00, 0x01
         ]
     );
     // CRC32C check value of the standard algorithm, and the CRC of the Run frame.
     assert_eq!(tether_protocol::frame::frame_crc(b"1234", b"56789"), 0xE306_9283);
     assert_eq!(
         tether_protocol::frame::frame_crc(&f[..8], &f[FRAME_HEADER_LEN..]),
-        0x6bb4_1e0a
+        0x5172_471f
+    );
+    // The RunSpec of `RunSpec::new` is the one above.
+    assert_eq!(
+        RunSpec::new(CommandSpec::argv(["echo", "hi"])),
+        run_spec(CommandSpec::Argv(vec![b(b"echo"), b(b"hi")]))
     );
 }
 
@@ -591,7 +737,7 @@ fn preamble_and_constants() {
     assert_eq!(SYNC_PAD_LEN, 131_084);
     assert_eq!(DEFAULT_STDIN_WINDOW, 262_144);
     assert_eq!(DEFAULT_UPLOAD_WINDOW, 8_388_608);
-    assert_eq!(PROTOCOL_VERSION, 3);
+    assert_eq!(PROTOCOL_VERSION, 4);
 }
 
 #[test]
@@ -693,6 +839,7 @@ fn other_primitives() {
     assert_eq!(payload(&EndCause::Completed), [0]);
     assert_eq!(payload(&EndCause::Cancelled), [1]);
     assert_eq!(payload(&EndCause::TimedOut), [2]);
+    assert_eq!(payload(&EndCause::Released), [3]);
 }
 
 #[test]
@@ -818,6 +965,8 @@ fn field_order_of_structs() {
             wait_for: vec!["g".into()],
             wait_timeout_ms: None,
             hold_after_ms: Some(3),
+            hold_on_failure_ms: Some(300),
+            hold_before_ms: None,
         }),
         follow: false,
     };
@@ -827,7 +976,9 @@ fn field_order_of_structs() {
     // uploads: [dest "d"]; fetches: [url "u", Some(32 bytes of 9, no length), dest ""]
     want.extend([1, 1, b'd', 1, 1, b'u', 1]);
     want.extend([9; 32]);
-    want.extend([0, 1, 1, b'g', 0, 1, 3, 0]);
+    // wait_for ["g"], wait_timeout_ms None, hold_after_ms Some(3), hold_on_failure_ms
+    // Some(300) (251 then a u16), hold_before_ms None, follow false.
+    want.extend([0, 1, 1, b'g', 0, 1, 3, 1, 251, 0x2c, 0x01, 0, 0]);
     assert_eq!(payload(&r), want);
     let u = ClientMessage::UploadEnd {
         req: 1,
@@ -858,6 +1009,293 @@ fn field_order_of_structs() {
     assert_eq!(payload(&DaemonMessage::Ping { nonce: 4 }), [2, 4]);
     assert_eq!(payload(&DaemonMessage::Pong { nonce: 4 }), [3, 4]);
     assert_eq!(payload(&ClientMessage::Pong { nonce: 4 }), [2, 4]);
+}
+
+#[test]
+fn shell_messages_bytes() {
+    // OpenShell (client tag 14) with a build and a 24x80 terminal: req 5; spec.build
+    // Some("b"); spec.argv None; spec.shell Some("sh"); spec.env [TERM=xterm]; spec.tty
+    // Some(WindowSize { rows: 24, cols: 80 }), two u16 varints.
+    let open = ClientMessage::OpenShell {
+        req: 5,
+        spec: ShellSpec {
+            build: Some(build("b")),
+            argv: None,
+            shell: Some(b(b"sh")),
+            env: vec![EnvVar {
+                name: b(b"TERM"),
+                value: b(b"xterm"),
+            }],
+            tty: Some(WindowSize { rows: 24, cols: 80 }),
+        },
+    };
+    assert_eq!(
+        payload(&open),
+        [
+            14, 5, 1, 1, b'b', 0, 1, 2, b's', b'h', 1, 4, b'T', b'E', b'R', b'M', 5, b'x', b't', b'e', b'r', b'm', 1,
+            24, 80
+        ]
+    );
+    // With pipes, no build, an argv.
+    let open = ClientMessage::OpenShell {
+        req: 6,
+        spec: ShellSpec {
+            build: None,
+            argv: Some(vec![b(b"ls"), b(b"-l")]),
+            shell: None,
+            env: vec![],
+            tty: None,
+        },
+    };
+    assert_eq!(payload(&open), [14, 6, 0, 1, 2, 2, b'l', b's', 2, b'-', b'l', 0, 0, 0]);
+    // ShellInput (tag 15): shell, offset 300 (251 then a u16), data.
+    assert_eq!(
+        payload(&ClientMessage::ShellInput {
+            shell: 5,
+            offset: 300,
+            data: b(b"ls\r"),
+        }),
+        [15, 5, 251, 0x2c, 0x01, 3, b'l', b's', b'\r']
+    );
+    assert_eq!(payload(&ClientMessage::ShellInputEnd { shell: 6 }), [16, 6]);
+    // ShellResize (tag 17): rows 50 fits one byte, cols 300 takes 251 and a u16.
+    assert_eq!(
+        payload(&ClientMessage::ShellResize {
+            shell: 5,
+            size: WindowSize { rows: 50, cols: 300 },
+        }),
+        [17, 5, 50, 251, 0x2c, 0x01]
+    );
+    assert_eq!(payload(&ClientMessage::ShellHangUp { shell: 5 }), [18, 5]);
+    assert_eq!(payload(&WindowSize { rows: 24, cols: 80 }), [24, 80]);
+    assert_eq!(
+        payload(&WindowSize {
+            rows: 1000,
+            cols: u16::MAX
+        }),
+        [251, 0xe8, 0x03, 251, 0xff, 0xff]
+    );
+
+    // ShellOpened (daemon tag 18): req, pid 1000, program, build Some("b").
+    assert_eq!(
+        payload(&DaemonMessage::ShellOpened {
+            req: 5,
+            pid: 1000,
+            program: b(b"/bin/sh"),
+            build: Some(build("b")),
+        }),
+        [18, 5, 251, 0xe8, 0x03, 7, b'/', b'b', b'i', b'n', b'/', b's', b'h', 1, 1, b'b']
+    );
+    // ShellOutput (tag 19): shell, stream, data; no offset.
+    assert_eq!(
+        payload(&DaemonMessage::ShellOutput {
+            shell: 5,
+            stream: OutputStream::Stdout,
+            data: b(b"ls\r\n"),
+        }),
+        [19, 5, 0, 4, b'l', b's', b'\r', b'\n']
+    );
+    assert_eq!(
+        payload(&DaemonMessage::ShellOutput {
+            shell: 6,
+            stream: OutputStream::Stderr,
+            data: b(b"e"),
+        }),
+        [19, 6, 1, 1, b'e']
+    );
+    assert_eq!(
+        payload(&DaemonMessage::ShellInputAck { shell: 5, consumed: 3 }),
+        [20, 5, 3]
+    );
+    // ShellExited (tag 21): shell, ExitStatus.
+    assert_eq!(
+        payload(&DaemonMessage::ShellExited {
+            shell: 5,
+            status: ExitStatus::Code(0),
+        }),
+        [21, 5, 0, 0]
+    );
+    // Hung up: Signal (tag 1), SIGHUP 1 zigzags to 2, no core.
+    assert_eq!(
+        payload(&DaemonMessage::ShellExited {
+            shell: 6,
+            status: ExitStatus::Signal {
+                signal: 1,
+                core_dumped: false
+            },
+        }),
+        [21, 6, 1, 2, 0]
+    );
+}
+
+/// The interactive session of PROTOCOL.md, "Shells": keep them in sync.
+#[test]
+fn shell_session_of_protocol_md() {
+    let client: Vec<(ClientMessage, &[u8])> = vec![
+        (
+            ClientMessage::OpenShell {
+                req: 7,
+                spec: ShellSpec {
+                    build: None,
+                    argv: None,
+                    shell: None,
+                    env: vec![EnvVar {
+                        name: b(b"TERM"),
+                        value: b(b"xterm"),
+                    }],
+                    tty: Some(WindowSize { rows: 24, cols: 80 }),
+                },
+            },
+            &[
+                0x0e, 0x07, 0x00, 0x00, 0x00, 0x01, 0x04, 0x54, 0x45, 0x52, 0x4d, 0x05, 0x78, 0x74, 0x65, 0x72, 0x6d,
+                0x01, 0x18, 0x50,
+            ],
+        ),
+        (
+            ClientMessage::ShellInput {
+                shell: 7,
+                offset: 0,
+                data: b(b"e"),
+            },
+            &[0x0f, 0x07, 0x00, 0x01, 0x65],
+        ),
+        (
+            ClientMessage::ShellResize {
+                shell: 7,
+                size: WindowSize { rows: 40, cols: 120 },
+            },
+            &[0x11, 0x07, 0x28, 0x78],
+        ),
+        (
+            ClientMessage::ShellInput {
+                shell: 7,
+                offset: 1,
+                data: b(b"xit\r"),
+            },
+            &[0x0f, 0x07, 0x01, 0x04, 0x78, 0x69, 0x74, 0x0d],
+        ),
+    ];
+    let out = |data: &[u8]| DaemonMessage::ShellOutput {
+        shell: 7,
+        stream: OutputStream::Stdout,
+        data: b(data),
+    };
+    let daemon: Vec<(DaemonMessage, &[u8])> = vec![
+        (
+            DaemonMessage::ShellOpened {
+                req: 7,
+                pid: 812,
+                program: b(b"/bin/sh"),
+                build: None,
+            },
+            &[
+                0x12, 0x07, 0xfb, 0x2c, 0x03, 0x07, 0x2f, 0x62, 0x69, 0x6e, 0x2f, 0x73, 0x68, 0x00,
+            ],
+        ),
+        (out(b"$ "), &[0x13, 0x07, 0x00, 0x02, 0x24, 0x20]),
+        (out(b"e"), &[0x13, 0x07, 0x00, 0x01, 0x65]),
+        (
+            DaemonMessage::ShellInputAck { shell: 7, consumed: 1 },
+            &[0x14, 0x07, 0x01],
+        ),
+        (out(b"xit\r\n"), &[0x13, 0x07, 0x00, 0x05, 0x78, 0x69, 0x74, 0x0d, 0x0a]),
+        (
+            DaemonMessage::ShellInputAck { shell: 7, consumed: 5 },
+            &[0x14, 0x07, 0x05],
+        ),
+        (
+            DaemonMessage::ShellExited {
+                shell: 7,
+                status: ExitStatus::Code(0),
+            },
+            &[0x15, 0x07, 0x00, 0x00],
+        ),
+    ];
+    for (m, want) in &client {
+        assert_eq!(payload(m), *want, "{m:?}");
+        assert_eq!(decode::<ClientMessage>(want).unwrap(), *m);
+    }
+    for (m, want) in &daemon {
+        assert_eq!(payload(m), *want, "{m:?}");
+        assert_eq!(decode::<DaemonMessage>(want).unwrap(), *m);
+    }
+}
+
+#[test]
+fn breakpoint_bytes() {
+    // HeldBefore (daemon tag 22): build "b", until_ms 1_700_000_000_000 = 0x18b_cfe5_6800,
+    // more than a u32: 253 then 8 bytes little-endian.
+    assert_eq!(
+        payload(&DaemonMessage::HeldBefore {
+            build: build("b"),
+            until_ms: 1_700_000_000_000,
+        }),
+        [22, 1, b'b', 253, 0x00, 0x68, 0xe5, 0xcf, 0x8b, 0x01, 0x00, 0x00]
+    );
+    // BuildState::HeldBefore is tag 4, then until_ms.
+    assert_eq!(payload(&BuildState::HeldBefore { until_ms: 77 }), [4, 77]);
+    assert_eq!(
+        payload(&DaemonMessage::Builds {
+            req: 2,
+            builds: vec![BuildSummary {
+                build: build("p"),
+                command: "m".into(),
+                pid: 0,
+                started_at_ms: 5,
+                output_end: 0,
+                state: BuildState::HeldBefore { until_ms: 77 },
+            }],
+        }),
+        [9, 2, 1, 1, b'p', 1, b'm', 0, 5, 0, 4, 77]
+    );
+    // The two new RunSpec fields come last, after hold_after_ms: hold_on_failure_ms
+    // None, hold_before_ms Some(600_000) = 0x927c0 (252 then a u32).
+    let run = ClientMessage::Run {
+        req: 1,
+        spec: Box::new(RunSpec {
+            hold_before_ms: Some(600_000),
+            ..run_spec(CommandSpec::Argv(vec![b(b"x")]))
+        }),
+        follow: true,
+    };
+    let mut want = vec![3, 1, 0, 1, 1, b'x'];
+    want.extend([0; 12]); // env to hold_after_ms
+    want.extend([0, 1, 252, 0xc0, 0x27, 0x09, 0x00, 1]);
+    assert_eq!(payload(&run), want);
+    let run = ClientMessage::Run {
+        req: 1,
+        spec: Box::new(RunSpec {
+            hold_after_ms: Some(1),
+            hold_on_failure_ms: Some(1_800_000),
+            ..run_spec(CommandSpec::Argv(vec![b(b"x")]))
+        }),
+        follow: false,
+    };
+    // 1_800_000 = 0x1b7740.
+    let mut want = vec![3, 1, 0, 1, 1, b'x'];
+    want.extend([0; 11]); // env to wait_timeout_ms
+    want.extend([1, 1, 1, 252, 0x40, 0x77, 0x1b, 0x00, 0, 0]);
+    assert_eq!(payload(&run), want);
+    // Release of a build held before its command: status None.
+    assert_eq!(
+        payload(&ClientMessage::Release {
+            req: 5,
+            build: build("b"),
+            status: None,
+        }),
+        [13, 5, 1, b'b', 0]
+    );
+}
+
+#[test]
+fn a_hold_before_the_command_prepares() {
+    let mut spec = RunSpec::new(CommandSpec::argv(["true"]));
+    assert!(!spec.prepares());
+    spec.hold_on_failure_ms = Some(1);
+    spec.hold_after_ms = Some(1);
+    assert!(!spec.prepares());
+    spec.hold_before_ms = Some(0);
+    assert!(spec.prepares());
 }
 
 /// Runs a raw payload through a real frame and decoder, then decodes it.
@@ -908,6 +1346,11 @@ fn undecodable_payloads_are_decode_errors() {
         vec![4, 1, b'b', 0, 253, 0, 0, 0, 0, 0, 0, 0, 1], // Stdin claiming 2^56 bytes
         vec![3, 1, 2],                                    // Run with CommandSpec tag 2
         vec![3, 1, 0, 0, 0, 2],                           // Run with workdir Option tag 2
+        vec![14, 1, 0, 0, 0, 0, 2],                       // OpenShell with tty Option tag 2
+        vec![14, 1, 0, 0, 0, 0, 1, 24],                   // OpenShell with cols missing
+        vec![15, 5, 0],                                   // ShellInput without data
+        vec![17, 5, 252, 0, 0, 1, 0, 80],                 // ShellResize: rows in the u32 form
+        vec![18],                                         // ShellHangUp without its shell
     ];
     for p in bad_client {
         let r = decode_framed::<ClientMessage>(&p);
@@ -918,7 +1361,11 @@ fn undecodable_payloads_are_decode_errors() {
         vec![1, 0, 0, 12, 0],               // Error with ErrorKind 12
         vec![5, 1, b'b', 2, 0, 0],          // Output with OutputStream 2
         vec![6, 1, b'b', 2, 0, 0, 0, 0, 0], // Exited with ExitStatus 2
-        vec![6, 1, b'b', 0, 0, 3, 0, 0, 0], // Exited with EndCause 3
+        vec![6, 1, b'b', 0, 0, 4, 0, 0, 0], // Exited with EndCause 4
+        vec![9, 0, 1, 0, 0, 0, 0, 0, 5],    // Builds with BuildState 5
+        vec![19, 5, 2, 0],                  // ShellOutput with OutputStream 2
+        vec![21, 5, 2, 0],                  // ShellExited with ExitStatus 2
+        vec![22, 1, b'b'],                  // HeldBefore without until_ms
     ];
     for p in bad_daemon {
         let r = decode_framed::<DaemonMessage>(&p);
@@ -993,9 +1440,10 @@ fn every_payload_that_fits_decodes() {
         }),
         follow: true,
     };
-    // 30 bytes of other fields (tag 1, req 9, command 2, env length 3, options and flag 4,
-    // name 4, id 1, the preparation fields 5, follow 1) and two bytes per variable.
-    let run = run_with_env((MAX_PAYLOAD - 30) / 2);
+    // 32 bytes of other fields (tag 1, req 9, command 2, env length 3, options and flag 4,
+    // name 4, id 1, the preparation and hold fields 7, follow 1) and two bytes per
+    // variable.
+    let run = run_with_env((MAX_PAYLOAD - 32) / 2);
     let p = payload(&run);
     assert_eq!(p.len(), MAX_PAYLOAD);
     assert_eq!(decode_framed::<ClientMessage>(&p).unwrap(), run);
@@ -1017,12 +1465,12 @@ fn every_payload_that_fits_decodes() {
     assert!(p.len() <= MAX_PAYLOAD);
     assert_eq!(decode_framed::<DaemonMessage>(&p).unwrap(), w);
 
-    // 22 bytes of other fields: tag, req, command tag, script length (252 + u32), shell,
-    // env, three options, flag, name, id, the five preparation fields, follow.
+    // 24 bytes of other fields: tag, req, command tag, script length (252 + u32), shell,
+    // env, three options, flag, name, id, the seven preparation and hold fields, follow.
     let script = ClientMessage::Run {
         req: 1,
         spec: Box::new(run_spec(CommandSpec::Script {
-            script: Bytes::from(vec![b'#'; MAX_PAYLOAD - 22]),
+            script: Bytes::from(vec![b'#'; MAX_PAYLOAD - 24]),
             shell: None,
         })),
         follow: false,

@@ -94,6 +94,9 @@ struct Progress {
     downloads_done: usize,
     /// A transfer failed: the run exits 125 whatever the build's status.
     transfer_failed: bool,
+    /// The build failed and is held for a person (`--hold-on-failure`): no release
+    /// after the downloads; the hold's end (a release, its expiry) ends the run.
+    debug_hold: bool,
 }
 
 /// A session's upload in progress.
@@ -127,6 +130,7 @@ pub async fn follow(goal: Goal, connect_args: &ConnectArgs, out: &mut Output) ->
         preparing: None,
         downloads_done: 0,
         transfer_failed: false,
+        debug_hold: false,
     };
     if let Goal::Attach { from: Some(from), .. } = goal {
         out.seek(from);
@@ -187,7 +191,7 @@ struct StdinFwd {
     open: bool,
 }
 
-fn start_stdin_reader(chunk: usize) -> anyhow::Result<mpsc::Receiver<Option<Vec<u8>>>> {
+pub fn start_stdin_reader(chunk: usize) -> anyhow::Result<mpsc::Receiver<Option<Vec<u8>>>> {
     let fd = std::io::stdin().as_fd().try_clone_to_owned()?;
     let (tx, rx) = mpsc::channel(2);
     std::thread::Builder::new().name("stdin".into()).spawn(move || {
@@ -289,7 +293,7 @@ async fn session(
                         return Err(Stop::Lost(anyhow!("the connection closed before the build finished")));
                     }
                 };
-                if let Some(code) = on_message(conn, goal, progress, out, &mut stdin, &mut xfer, msg).await? {
+                if let Some(code) = on_message(conn, goal, progress, out, &mut stdin, &mut xfer, msg, args).await? {
                     return Ok(code);
                 }
                 continue;
@@ -445,6 +449,9 @@ async fn next_download(
             }
         }
     }
+    if progress.debug_hold {
+        return Ok(());
+    }
     conn.writer
         .send(&ClientMessage::Release {
             req: RELEASE_REQ,
@@ -455,7 +462,42 @@ async fn next_download(
     Ok(())
 }
 
+/// How a person reaches the daemon this client uses, for the hints it prints.
+fn reach(args: &ConnectArgs) -> String {
+    let quote = |s: &str| {
+        let plain = !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"/._-:=@,+".contains(&b));
+        if plain {
+            s.to_owned()
+        } else {
+            format!("'{}'", s.replace('\'', r"'\''"))
+        }
+    };
+    match (&args.socket, &args.via) {
+        (Some(path), _) => format!(" --socket {}", quote(&path.to_string_lossy())),
+        (None, Some(via)) => format!(" --via {}", quote(via)),
+        (None, None) => String::new(),
+    }
+}
+
+/// `HH:MM:SS` UTC of a time in milliseconds since the epoch.
+fn clock(ms: u64) -> String {
+    let secs = ms / 1000 % 86400;
+    format!("{:02}:{:02}:{:02} UTC", secs / 3600, secs / 60 % 60, secs % 60)
+}
+
+/// Whether a held status is a failure `--hold-on-failure` holds for (not a cancel).
+fn failed(status: &wire::ExitStatus, cause: wire::EndCause) -> bool {
+    match cause {
+        wire::EndCause::Cancelled => false,
+        wire::EndCause::TimedOut => true,
+        _ => *status != wire::ExitStatus::Code(0),
+    }
+}
+
 /// Handles one message; `Some(code)` ends following.
+#[allow(clippy::too_many_arguments)]
 async fn on_message(
     conn: &mut Connection,
     goal: &Goal,
@@ -464,6 +506,7 @@ async fn on_message(
     stdin: &mut Option<StdinFwd>,
     xfer: &mut Xfer,
     msg: DaemonMessage,
+    args: &ConnectArgs,
 ) -> Result<Option<i32>, Stop> {
     let ours = |b: &BuildId| progress.build.as_ref() == Some(b);
     match msg {
@@ -488,6 +531,15 @@ async fn on_message(
                 }
             }
         }
+        DaemonMessage::HeldBefore { build, until_ms } if progress.preparing.as_ref() == Some(&build) => {
+            let reach = reach(args);
+            eprintln!(
+                "tether: build {build} is held before its command until {} (then it starts on its own):\n\
+                 tether:   tether shell{reach} --build {build}\n\
+                 tether: start it with: tether release{reach} {build}",
+                clock(until_ms),
+            );
+        }
         DaemonMessage::UploadAck {
             req: MAIN_REQ,
             consumed,
@@ -496,8 +548,26 @@ async fn on_message(
                 up.acked = consumed;
             }
         }
-        DaemonMessage::Held { build, status, .. } if ours(&build) => {
-            tracing::debug!(%build, ?status, "held for downloads");
+        DaemonMessage::Held {
+            build,
+            status,
+            cause,
+            until_ms,
+        } if ours(&build) => {
+            tracing::debug!(%build, ?status, "held");
+            if let Goal::Run { spec, .. } = goal {
+                if spec.hold_on_failure_ms.is_some() && failed(&status, cause) && !progress.debug_hold {
+                    progress.debug_hold = true;
+                    let reach = reach(args);
+                    eprintln!(
+                        "tether: build {build} failed (exit {}) and is held until {} for a look inside:\n\
+                         tether:   tether shell{reach} --build {build}\n\
+                         tether: end the hold with: tether release{reach} {build} [--success | --failure | --exit-code N]",
+                        exit::for_status(&status),
+                        clock(until_ms),
+                    );
+                }
+            }
             if xfer.down.is_none() {
                 next_download(conn, goal, progress, xfer, &build).await?;
             }

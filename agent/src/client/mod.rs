@@ -9,5 +9,8 @@ pub mod exit;
 pub mod follow;
 pub mod output;
 pub mod ps;
+pub mod release;
 pub mod run;
+pub mod shell;
+pub mod terminal;
 pub mod transfer;

@@ -156,6 +156,7 @@ impl Output {
             EndCause::Completed => "completed",
             EndCause::Cancelled => "cancelled",
             EndCause::TimedOut => "timed_out",
+            EndCause::Released => "released",
         };
         self.line(json!({
             "event": "exited", "build": e.build.0, "exit_code": code, "status": status, "cause": cause,

@@ -45,6 +45,7 @@ pub async fn ps(args: PsArgs) -> anyhow::Result<i32> {
         let (state, duration_ms, code) = match &b.state {
             BuildState::Running => ("running", now_ms.saturating_sub(b.started_at_ms), String::new()),
             BuildState::Preparing => ("preparing", now_ms.saturating_sub(b.started_at_ms), String::new()),
+            BuildState::HeldBefore { .. } => ("held", now_ms.saturating_sub(b.started_at_ms), String::new()),
             BuildState::Held { status, cause, .. } => (
                 "held",
                 now_ms.saturating_sub(b.started_at_ms),
@@ -83,6 +84,7 @@ fn cause_name(cause: EndCause) -> &'static str {
         EndCause::Completed => "exited",
         EndCause::Cancelled => "cancelled",
         EndCause::TimedOut => "timed-out",
+        EndCause::Released => "released",
     }
 }
 
@@ -99,6 +101,12 @@ fn as_json(b: &BuildSummary, now_ms: u64) -> Value {
         BuildState::Preparing => {
             v["state"] = json!("preparing");
             v["duration_ms"] = json!(now_ms.saturating_sub(b.started_at_ms));
+        }
+        BuildState::HeldBefore { until_ms } => {
+            v["state"] = json!("held");
+            v["held_before_command"] = json!(true);
+            v["duration_ms"] = json!(now_ms.saturating_sub(b.started_at_ms));
+            v["held_until_ms"] = json!(until_ms);
         }
         BuildState::Held {
             status,

@@ -68,6 +68,8 @@ fn spec(args: &RunArgs, uploads: &[Upload], downloads: &[Download]) -> anyhow::R
         wait_for: args.wait_for.clone(),
         wait_timeout_ms: args.wait_timeout.map(|t| t.as_millis() as u64),
         hold_after_ms: (!downloads.is_empty()).then(|| DOWNLOAD_HOLD.as_millis() as u64),
+        hold_on_failure_ms: args.hold_on_failure.map(|d| d.as_millis() as u64),
+        hold_before_ms: args.hold_before.map(|d| d.as_millis() as u64),
     })
 }
 

@@ -12,13 +12,21 @@
 //! they have no output and no process yet. A run that asks for a hold after its
 //! command (`hold_after_ms`, for downloads) is *held* until a release: its entry is
 //! still running (the control releases it), and its feed has told followers `Held`.
+//! A run that fails with `hold_on_failure_ms` is held the same way, for a person.
+//! A run with `hold_before_ms` stays preparing after its preparation, *held before*
+//! its command, until a release starts it (or the hold runs out, which starts it too).
+//!
+//! Every build, preparing or running or held, has a [`ShellPlace`]: where a
+//! `tether shell --build` into it runs (its cwd and environment) and the attachments
+//! the executor hangs such shells up through before the build's directory goes.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tether_executor::{Build, BuildControl, BuildEvent, BuildStdin, Executor, Prepared, StartError};
+use tether_executor::interactive::Attachments;
+use tether_executor::{Build, BuildControl, BuildEvent, Executor, Prepared, StartError};
 use tether_protocol::{self as wire, BuildId, DaemonMessage, ErrorKind, ErrorReport, RequestId};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -26,14 +34,10 @@ use tokio_util::task::TaskTracker;
 
 use super::convert;
 use super::follow::{Feed, Mode};
+use super::input::{self, InputCmd};
 use super::outbox::Outbox;
 use super::prepare::{self, Plan, PrepContext};
 use super::upload::{self, UploadRoute};
-
-enum StdinCmd {
-    Data(Vec<u8>),
-    Close,
-}
 
 struct Running {
     control: BuildControl,
@@ -42,11 +46,20 @@ struct Running {
     work_root: std::path::PathBuf,
     /// Set while the build is held: its status, cause and the hold's end.
     held: Option<(wire::ExitStatus, wire::EndCause, u64)>,
+    place: ShellPlace,
+}
+
+/// Where a shell opened into a build runs, and how it is tied to the build's life.
+#[derive(Clone)]
+pub struct ShellPlace {
+    pub cwd: std::path::PathBuf,
+    pub env: Arc<[(std::ffi::OsString, std::ffi::OsString)]>,
+    pub attachments: Attachments,
 }
 
 /// Where a build's stdin pieces go.
 struct StdinRoute {
-    tx: mpsc::UnboundedSender<StdinCmd>,
+    tx: mpsc::UnboundedSender<InputCmd>,
     /// Bytes queued and not yet written to the pipe (the window).
     pending: Arc<AtomicU64>,
     /// The stream position the next piece must start at.
@@ -61,6 +74,9 @@ struct Preparing {
     stop: CancellationToken,
     /// Cancelled once the preparation is over and its directory handled.
     done: CancellationToken,
+    /// Cancelled by a release of a build held before its command.
+    release: CancellationToken,
+    place: ShellPlace,
 }
 
 struct Finished {
@@ -115,6 +131,8 @@ pub struct Builds {
     stdin_window: u64,
     upload_window: u64,
     retain: Duration,
+    /// Cancelled at shutdown: every shell is hung up.
+    stopping: CancellationToken,
 }
 
 fn error(req: Option<RequestId>, build: Option<BuildId>, kind: ErrorKind, message: impl Into<String>) -> ErrorReport {
@@ -179,7 +197,45 @@ impl Builds {
             stdin_window,
             upload_window,
             retain,
+            stopping: CancellationToken::new(),
         })
+    }
+
+    /// The executor builds (and shells) run through.
+    pub fn executor(&self) -> &Executor {
+        &self.executor
+    }
+
+    /// Runs `task` as part of the daemon's work: shutdown waits for it.
+    pub fn spawn_task(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.tasks.spawn(task);
+    }
+
+    /// Cancelled when the daemon shuts down.
+    pub fn stopping(&self) -> CancellationToken {
+        self.stopping.clone()
+    }
+
+    /// Where a shell into `build` runs: a running or held build, or one still preparing
+    /// (its work dir exists; its command's environment is known).
+    pub fn shell_place(&self, req: RequestId, build: &BuildId) -> Result<ShellPlace, ErrorReport> {
+        if let Some(entry) = self.lock().get(build) {
+            return match &entry.running {
+                Some(running) => Ok(running.place.clone()),
+                None => Err(error(
+                    Some(req),
+                    Some(build.clone()),
+                    ErrorKind::BadRequest,
+                    format!(
+                        "build {build} has finished and its directory is gone (run --hold-on-failure keeps a failed one)"
+                    ),
+                )),
+            };
+        }
+        match self.lock_preparing().get(build) {
+            Some(p) => Ok(p.place.clone()),
+            None => Err(unknown(Some(req), build)),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<BuildId, Entry>> {
@@ -290,6 +346,12 @@ impl Builds {
         };
         let stop = CancellationToken::new();
         let done = CancellationToken::new();
+        let release = CancellationToken::new();
+        let place = ShellPlace {
+            cwd: prepared.work_dir().to_path_buf(),
+            env: prepared.env().into(),
+            attachments: prepared.attachments(),
+        };
         self.lock_preparing().insert(
             id.clone(),
             Preparing {
@@ -304,6 +366,8 @@ impl Builds {
                 command: spec.command.clone(),
                 stop: stop.clone(),
                 done: done.clone(),
+                release: release.clone(),
+                place,
             },
         );
         tracing::info!(build = %id, "build preparing");
@@ -311,8 +375,15 @@ impl Builds {
         let builds = Arc::clone(self);
         let spec = spec.clone();
         self.tasks.spawn(async move {
+            let hold_before = spec.hold_before_ms.map(Duration::from_millis);
             let result = tokio::select! {
-                r = prepare::run(&builds.prep, &prepared, plan, req, &out) => r,
+                r = async {
+                    prepare::run(&builds.prep, &prepared, plan, req, &out).await?;
+                    if let Some(hold) = hold_before {
+                        builds.hold_before(&id, hold, &release, &out).await;
+                    }
+                    Ok(())
+                } => r,
                 _ = stop.cancelled() => Err(error(
                     Some(req),
                     Some(id.clone()),
@@ -331,6 +402,29 @@ impl Builds {
             done.cancel();
         });
         Ok(route)
+    }
+
+    /// Holds a prepared build before its command: tells the run's session, lists it as
+    /// held, and returns on a release or when the hold runs out (a cancel ends the
+    /// preparation around this).
+    async fn hold_before(&self, id: &BuildId, hold: Duration, release: &CancellationToken, out: &Outbox) {
+        let until_ms = now_ms().saturating_add(hold.as_millis() as u64);
+        if let Some(p) = self.lock_preparing().get_mut(id) {
+            p.summary.state = wire::BuildState::HeldBefore { until_ms };
+        }
+        tracing::info!(build = %id, ?hold, "build held before its command");
+        out.control(DaemonMessage::HeldBefore {
+            build: id.clone(),
+            until_ms,
+        })
+        .await;
+        tokio::select! {
+            _ = release.cancelled() => tracing::info!(build = %id, "build released; starting its command"),
+            _ = tokio::time::sleep(hold) => tracing::info!(build = %id, "hold before the command ran out; starting it"),
+        }
+        if let Some(p) = self.lock_preparing().get_mut(id) {
+            p.summary.state = wire::BuildState::Preparing;
+        }
     }
 
     /// The end of a preparation: the command starts, or the directory goes.
@@ -392,8 +486,14 @@ impl Builds {
         let stdin = build.stdin.take().map(|pipe| {
             let (tx, rx) = mpsc::unbounded_channel();
             let pending = Arc::new(AtomicU64::new(0));
+            let build = id.clone();
+            let ack = move |consumed| DaemonMessage::StdinAck {
+                build: build.clone(),
+                consumed,
+            };
+            let what = format!("stdin of build {id}");
             self.tasks
-                .spawn(pump_stdin(id.clone(), pipe, rx, Arc::clone(&pending), out.clone()));
+                .spawn(input::pump(what, pipe, rx, Arc::clone(&pending), ack, out.clone()));
             StdinRoute { tx, pending, next: 0 }
         });
         let feed = Feed::new(id.clone(), build.spool.clone());
@@ -415,6 +515,11 @@ impl Builds {
                 stdin,
                 work_root: build.work_root.clone(),
                 held: None,
+                place: ShellPlace {
+                    cwd: build.work_dir.clone(),
+                    env: Arc::clone(&build.env),
+                    attachments: build.attachments.clone(),
+                },
             }),
             finished: None,
         };
@@ -544,7 +649,7 @@ impl Builds {
         }
         route.next += len;
         // A closed pump means the build is finishing; the data has nowhere to go.
-        let _ = route.tx.send(StdinCmd::Data(data));
+        let _ = route.tx.send(InputCmd::Data(data));
         Ok(())
     }
 
@@ -553,7 +658,7 @@ impl Builds {
         let entries = self.lock();
         let entry = entries.get(build).ok_or_else(|| unknown(None, build))?;
         if let Some(route) = entry.running.as_ref().and_then(|r| r.stdin.as_ref()) {
-            let _ = route.tx.send(StdinCmd::Close);
+            let _ = route.tx.send(InputCmd::End);
         }
         Ok(())
     }
@@ -577,7 +682,10 @@ impl Builds {
         status: Option<wire::ExitStatus>,
     ) -> Result<(), ErrorReport> {
         let entries = self.lock();
-        let entry = entries.get(build).ok_or_else(|| unknown(Some(req), build))?;
+        let Some(entry) = entries.get(build) else {
+            drop(entries);
+            return self.release_before(req, build, status);
+        };
         match &entry.running {
             Some(running) if running.held.is_some() => {
                 tracing::info!(build = %build, ?status, "releasing held build");
@@ -591,6 +699,35 @@ impl Builds {
                 format!("build {build} is not held"),
             )),
         }
+    }
+
+    /// Releases a build held before its command: starts it.
+    fn release_before(
+        &self,
+        req: RequestId,
+        build: &BuildId,
+        status: Option<wire::ExitStatus>,
+    ) -> Result<(), ErrorReport> {
+        let preparing = self.lock_preparing();
+        let p = preparing.get(build).ok_or_else(|| unknown(Some(req), build))?;
+        let bad = |message: String| Err(error(Some(req), Some(build.clone()), ErrorKind::BadRequest, message));
+        if !matches!(p.summary.state, wire::BuildState::HeldBefore { .. }) {
+            return Err(error(
+                Some(req),
+                Some(build.clone()),
+                ErrorKind::UnknownBuild,
+                format!("build {build} is not held: it is still preparing"),
+            ));
+        }
+        if status.is_some() {
+            return bad(format!(
+                "build {build} is held before its command started: `tether release {build}` starts it, \
+                 `tether cancel {build}` ends it without running it"
+            ));
+        }
+        tracing::info!(build = %build, "releasing build held before its command");
+        p.release.cancel();
+        Ok(())
     }
 
     /// Sends `path` of a running or held build's work dir as download `req`.
@@ -680,6 +817,7 @@ impl Builds {
     /// until every one of them finished and was reported.
     pub async fn shutdown(&self) {
         self.accepting.store(false, Ordering::SeqCst);
+        self.stopping.cancel();
         for p in self.lock_preparing().values() {
             p.stop.cancel();
         }
@@ -713,7 +851,7 @@ impl Builds {
     }
 }
 
-fn start_error(req: RequestId, e: StartError) -> ErrorReport {
+pub fn start_error(req: RequestId, e: StartError) -> ErrorReport {
     let kind = match &e {
         StartError::NotFound { .. } => ErrorKind::CommandNotFound,
         StartError::NotExecutable { .. } => ErrorKind::NotExecutable,
@@ -751,38 +889,5 @@ async fn forward(builds: Arc<Builds>, id: BuildId, mut events: mpsc::Receiver<Bu
                 return;
             }
         }
-    }
-}
-
-async fn pump_stdin(
-    id: BuildId,
-    mut pipe: BuildStdin,
-    mut rx: mpsc::UnboundedReceiver<StdinCmd>,
-    pending: Arc<AtomicU64>,
-    out: Outbox,
-) {
-    let mut consumed = 0u64;
-    let mut broken = false;
-    while let Some(cmd) = rx.recv().await {
-        let data = match cmd {
-            StdinCmd::Data(data) => data,
-            StdinCmd::Close => break,
-        };
-        if !broken {
-            if let Err(e) = pipe.write_all(&data).await {
-                // The build closed its stdin: later data is acknowledged and dropped, as
-                // a pipe's writer would see with SIGPIPE ignored.
-                tracing::debug!(build = %id, error = %e, "build stdin closed");
-                broken = true;
-            }
-        }
-        let len = data.len() as u64;
-        consumed += len;
-        pending.fetch_sub(len, Ordering::SeqCst);
-        out.control(DaemonMessage::StdinAck {
-            build: id.clone(),
-            consumed,
-        })
-        .await;
     }
 }

@@ -40,6 +40,7 @@ pub fn build_spec(spec: &wire::RunSpec) -> BuildSpec {
         grace: spec.grace_ms.map(Duration::from_millis),
         stdin: spec.stdin,
         hold_after: spec.hold_after_ms.map(Duration::from_millis),
+        hold_on_failure: spec.hold_on_failure_ms.map(Duration::from_millis),
     }
 }
 
@@ -98,6 +99,7 @@ pub fn end_cause(cause: EndCause) -> wire::EndCause {
         EndCause::Completed => wire::EndCause::Completed,
         EndCause::Cancelled => wire::EndCause::Cancelled,
         EndCause::TimedOut => wire::EndCause::TimedOut,
+        EndCause::Released => wire::EndCause::Released,
     }
 }
 

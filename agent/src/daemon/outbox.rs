@@ -80,6 +80,12 @@ impl Outbox {
         })
     }
 
+    /// Queues a data message, waiting while the client is behind; false once the
+    /// session is gone (a shell's output: the shell waits, as on a terminal not read).
+    pub async fn data(&self, msg: DaemonMessage) -> bool {
+        self.data.send(msg).await.is_ok()
+    }
+
     /// Queues a data message, blocking this thread while the client is behind; false
     /// once the session is gone. Only for threads outside the runtime.
     pub fn blocking_data(&self, msg: DaemonMessage) -> bool {

@@ -12,6 +12,7 @@ use tether_protocol::{
 };
 
 use super::outbox::Outbox;
+use super::shells::Shells;
 use super::upload::{RouteError, UploadRoute};
 use super::Daemon;
 
@@ -23,6 +24,8 @@ pub struct Session {
     /// Uploads of this session's preparing runs, by the run's request id. Dropped with
     /// the session, which ends those uploads (and fails their runs).
     uploads: HashMap<RequestId, UploadRoute>,
+    /// This session's shells, hung up when it ends.
+    shells: Shells,
 }
 
 impl Session {
@@ -33,6 +36,7 @@ impl Session {
             out,
             greeted: false,
             uploads: HashMap::new(),
+            shells: Shells::default(),
         }
     }
 
@@ -129,6 +133,30 @@ impl Session {
                     self.out.control(DaemonMessage::Error(e)).await;
                 }
             },
+            ClientMessage::OpenShell { req, spec } => {
+                let out = self.out.clone();
+                if let Err(e) = self.shells.open(&self.daemon.builds, req, spec, out).await {
+                    tracing::info!(session = self.id, shell = req, error = %e.message, "shell not opened");
+                    self.out.control(DaemonMessage::Error(e)).await;
+                }
+            }
+            ClientMessage::ShellInput { shell, offset, data } => {
+                let window = u64::from(self.daemon.limits.stdin_window);
+                let result = self.shells.input(shell, offset, data.into_vec(), window);
+                self.report(result).await;
+            }
+            ClientMessage::ShellInputEnd { shell } => {
+                let result = self.shells.input_end(shell);
+                self.report(result).await;
+            }
+            ClientMessage::ShellResize { shell, size } => {
+                let result = self.shells.resize(shell, size);
+                self.report(result).await;
+            }
+            ClientMessage::ShellHangUp { shell } => {
+                let result = self.shells.hang_up(shell);
+                self.report(result).await;
+            }
             ClientMessage::Cancel { req, build, force } => match self.daemon.builds.cancel(req, &build, force) {
                 Ok(()) => {
                     self.out.control(DaemonMessage::Ack { req }).await;
@@ -137,6 +165,12 @@ impl Session {
                     self.out.control(DaemonMessage::Error(e)).await;
                 }
             },
+        }
+    }
+
+    async fn report(&self, result: Result<(), ErrorReport>) {
+        if let Err(e) = result {
+            self.out.control(DaemonMessage::Error(e)).await;
         }
     }
 

@@ -6,6 +6,13 @@
 // safe to retry: if the agent restarts and Jenkins runs the step again, `tether run --id`
 // follows the build that is already running (or finished) instead of starting it twice.
 // Over the socket the client also reconnects by itself when the connection breaks.
+//
+// Pass `holdOnFailure: '30m'` to keep a failed build open for a look inside: the step's
+// log prints the `tether shell --build ID` command to run and the step waits until
+// someone runs `tether release ID` (optionally `--success`) or the time runs out. From
+// outside the pod, reach the daemon through the build container's stdin:
+//   tether shell --via 'kubectl attach -i POD -c kaniko' --build ID
+//   tether release --via 'kubectl attach -i POD -c kaniko' ID
 def call(Map args = [:]) {
   String script = args.script ?: error('tetherRun: script is required')
   String timeout = args.timeout ?: '1h'
@@ -14,6 +21,9 @@ def call(Map args = [:]) {
   List<String> flags = ["--timeout", timeout]
   if (args.id) {
     flags += ["--id", args.id.toString().replaceAll('[^A-Za-z0-9._-]', '-').take(64)]
+  }
+  if (args.holdOnFailure) {
+    flags += ["--hold-on-failure=${args.holdOnFailure}"]
   }
   envVars.each { k, v -> flags += ["--env", "${k}=${v}"] }
   String quoted = flags.collect { "'" + it.toString().replace("'", "'\\''") + "'" }.join(' ')
