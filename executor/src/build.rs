@@ -507,7 +507,7 @@ pub fn enlarge_pipe(fd: &impl std::os::fd::AsFd) {
 /// Resolves the build's cwd: `work` itself, or a relative directory inside it, created
 /// if missing, that must not leave `work` (lexically or through symlinks; see
 /// [`crate::transfer::create_dirs_inside`]).
-fn resolve_workdir(work: &Path, rel: Option<&Path>) -> Result<PathBuf, StartError> {
+pub fn resolve_workdir(work: &Path, rel: Option<&Path>) -> Result<PathBuf, StartError> {
     let Some(rel) = rel else {
         return Ok(work.to_path_buf());
     };

@@ -563,7 +563,7 @@ async fn on_message(
                         "tether: build {build} failed (exit {}) and is held until {} for a look inside:\n\
                          tether:   tether shell{reach} --build {build}\n\
                          tether: end the hold with: tether release{reach} {build} [--success | --failure | --exit-code N]",
-                        exit::for_status(&status),
+                        if cause == wire::EndCause::TimedOut { exit::TIMED_OUT } else { exit::for_status(&status) },
                         clock(until_ms),
                     );
                 }

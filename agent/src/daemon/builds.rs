@@ -52,7 +52,11 @@ struct Running {
 /// Where a shell opened into a build runs, and how it is tied to the build's life.
 #[derive(Clone)]
 pub struct ShellPlace {
+    /// The build's cwd, or its work dir while `workdir` is still to be made.
     pub cwd: std::path::PathBuf,
+    /// A build that has not started: the `--workdir` inside `cwd` that its command will
+    /// run in (made when a shell opens there first).
+    pub workdir: Option<std::path::PathBuf>,
     pub env: Arc<[(std::ffi::OsString, std::ffi::OsString)]>,
     pub attachments: Attachments,
 }
@@ -334,6 +338,7 @@ impl Builds {
         out: Outbox,
     ) -> Result<Option<UploadRoute>, ErrorReport> {
         let mut plan = Plan::of(spec, req)?;
+        let build_spec_workdir = build_spec.workdir.clone();
         let prepared = self.executor.prepare(build_spec).map_err(|e| start_error(req, e))?;
         let id = BuildId(prepared.id().to_owned());
         let route = if spec.uploads.is_empty() {
@@ -349,6 +354,7 @@ impl Builds {
         let release = CancellationToken::new();
         let place = ShellPlace {
             cwd: prepared.work_dir().to_path_buf(),
+            workdir: build_spec_workdir,
             env: prepared.env().into(),
             attachments: prepared.attachments(),
         };
@@ -517,6 +523,7 @@ impl Builds {
                 held: None,
                 place: ShellPlace {
                     cwd: build.work_dir.clone(),
+                    workdir: None,
                     env: Arc::clone(&build.env),
                     attachments: build.attachments.clone(),
                 },

@@ -90,7 +90,14 @@ impl Shells {
             None => None,
         };
         let (cwd, base_env) = match &place {
-            Some(p) => (p.cwd.clone(), p.env.to_vec()),
+            Some(p) => {
+                let cwd = tether_executor::build::resolve_workdir(&p.cwd, p.workdir.as_deref()).map_err(|e| {
+                    let mut report = super::builds::start_error(req, e);
+                    report.build = spec.build.clone();
+                    report
+                })?;
+                (cwd, p.env.to_vec())
+            }
             None => (
                 std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")),
                 std::env::vars_os().collect(),

@@ -6,7 +6,7 @@
 //!     [--only SCENARIO[,SCENARIO...]] [--reps N]
 //!
 //! Scenarios: stream, sequential, idle-memory, ping-under-flood, stalled-memory,
-//! logs-replay, transfer, container.
+//! logs-replay, transfer, container, keystroke.
 //! ```
 //!
 //! The tether binary is `$TETHER_BIN`, else `target/release/tether` of this workspace
@@ -17,6 +17,8 @@
 mod container_figures;
 #[path = "../bench/idle_memory.rs"]
 mod idle_memory;
+#[path = "../bench/keystroke.rs"]
+mod keystroke;
 #[path = "../bench/logs_replay.rs"]
 mod logs_replay;
 #[path = "../bench/ping_flood.rs"]
@@ -61,6 +63,7 @@ fn scenarios() -> Vec<Box<dyn Scenario>> {
         Box::new(logs_replay::LogsReplay),
         Box::new(transfer::Transfer),
         Box::new(container_figures::ContainerFigures),
+        Box::new(keystroke::Keystroke),
     ]
 }
 
