@@ -25,7 +25,7 @@ pub enum Command {
     /// Run the daemon: keep the container alive and serve builds over stdin/stdout.
     Serve(ServeArgs),
     /// Run a build through a daemon and stream its output; exits with its status.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Follow a build's output (from where you say) and exit with its status.
     Attach(AttachArgs),
     /// Print a build's output so far and exit (with its status if it has finished).
@@ -356,6 +356,15 @@ pub struct RunArgs {
     /// stepping in first (`tether shell --build ID`); `tether release ID` starts it.
     #[arg(long, value_name = "DUR", num_args = 0..=1, require_equals = true, default_missing_value = "30m", value_parser = parse_duration)]
     pub hold_before: Option<Duration>,
+    /// Pass the variable NAME of this client's environment to the build as a secret:
+    /// set in its environment, masked as `****` in its output (literal, shell-quoted
+    /// and base64 forms), never shown by tether. At least 4 bytes (repeatable).
+    #[arg(long = "secret-env", value_name = "NAME")]
+    pub secret_env: Vec<String>,
+    /// Pass the contents of the local file PATH to the build as the secret variable
+    /// NAME (a trailing newline is dropped), as --secret-env does (repeatable).
+    #[arg(long = "secret-file", value_name = "NAME=PATH")]
+    pub secret_file: Vec<String>,
     #[command(flatten)]
     pub archive: ArchiveArgs,
     /// Run this script with a shell (`sh` on PATH, `/bin/sh`, `/busybox/sh`).

@@ -21,7 +21,7 @@ fn main() {
     };
     let code = match cli.command {
         Command::Serve(args) => serve(args),
-        Command::Run(args) => client_main(args.connect.verbose, client::run::run(args)),
+        Command::Run(args) => client_main(args.connect.verbose, client::run::run(*args)),
         Command::Attach(args) => client_main(args.connect.verbose, client::attach::attach(args)),
         Command::Logs(args) => client_main(args.connect.verbose, client::attach::logs(args)),
         Command::DialStdio(args) => client_main(0, client::dial::dial_stdio(args)),

@@ -51,6 +51,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{sleep, sleep_until};
 
 use crate::attach::Attachments;
+use crate::mask::{Masker, Secrets};
 use crate::reaper::{ChildStatus, Reaper};
 use crate::spawn::{SpawnError, SpawnRequest};
 use crate::spool::{Spool, SpoolSet, SpoolWriter};
@@ -72,6 +73,11 @@ pub enum CommandSpec {
     /// Run as `SHELL -c SCRIPT`; `shell: None` finds one ([`crate::shell::find_shell`]).
     Script { script: OsString, shell: Option<PathBuf> },
 }
+
+/// How long a reader holds back output that could be the start of a secret while the
+/// build writes nothing more ([`crate::mask`]): long enough for the rest of a write split
+/// across reads to arrive, short enough not to be noticed on a prompt without a newline.
+const MASK_DELAY: Duration = Duration::from_millis(50);
 
 /// Largest batch of output the spooler writes at once.
 const SPOOL_BATCH: usize = 1024 * 1024;
@@ -100,6 +106,8 @@ pub struct BuildSpec {
     /// Like `hold_after`, but only when the build failed: its status is not exit 0, or
     /// it timed out; never when it was cancelled.
     pub hold_on_failure: Option<Duration>,
+    /// Masked in the build's output before it is spooled or sent ([`crate::mask`]).
+    pub secrets: Secrets,
 }
 
 /// Which output stream a chunk belongs to.
@@ -557,9 +565,10 @@ fn supervise(spec: BuildSpec, launch: Launch<'_>, spooler: Spooler, s: Spawned) 
         let tx = events_tx.clone();
         let finishing = finishing_rx.clone();
         let chunk = launch.chunk_size;
+        let masker = (!spec.secrets.is_empty()).then(|| Masker::new(spec.secrets.clone()));
         tokio::spawn(async move {
             match pipe::Receiver::from_owned_fd(fd) {
-                Ok(rx) => read_stream(stream, rx, tx, finishing, close, chunk).await,
+                Ok(rx) => read_stream(stream, rx, tx, finishing, close, chunk, masker).await,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot read the build's output pipe");
                     0
@@ -781,6 +790,9 @@ impl Supervisor {
     }
 }
 
+/// Reads one output pipe until EOF (or until told to stop), masking secrets when
+/// `masker` is set, and hands the chunks to the spooler. Returns the bytes handed on
+/// (after masking: what the spool and the clients see).
 async fn read_stream(
     stream: Stream,
     mut rx: pipe::Receiver,
@@ -788,12 +800,14 @@ async fn read_stream(
     mut finishing: watch::Receiver<bool>,
     mut close: watch::Receiver<bool>,
     chunk: usize,
+    mut masker: Option<Masker>,
 ) -> u64 {
     let mut offset = 0u64;
     let mut buf = Vec::with_capacity(chunk);
     let mut close_open = true;
     loop {
         buf.clear();
+        let holding = masker.as_ref().is_some_and(|m| m.pending() > 0);
         if *close.borrow_and_update() {
             // Dropping `rx` closes our end: the build's next write gets EPIPE.
             break;
@@ -817,6 +831,12 @@ async fn read_stream(
                     }
                     continue;
                 }
+                () = tokio::time::sleep(MASK_DELAY), if holding => {
+                    // Quiet for the delay: what is held back is let out (never a
+                    // whole secret; see crate::mask).
+                    offset += flush_masker(masker.as_mut(), stream, &tx).await;
+                    continue;
+                }
             }
         };
         let n = match read {
@@ -830,19 +850,39 @@ async fn read_stream(
         };
         // Large reads hand over the buffer; small ones are copied so that a queue of
         // short lines does not pin a full chunk each.
-        let data = if n >= chunk / 2 {
-            std::mem::replace(&mut buf, Vec::with_capacity(chunk))
-        } else {
-            buf[..n].to_vec()
+        let data = match masker.as_mut() {
+            Some(m) => {
+                let mut masked = Vec::with_capacity(n + m.pending());
+                m.push(&buf[..n], &mut masked);
+                masked
+            }
+            None if n >= chunk / 2 => std::mem::replace(&mut buf, Vec::with_capacity(chunk)),
+            None => buf[..n].to_vec(),
         };
-        offset += n as u64;
+        offset += data.len() as u64;
+        if data.is_empty() {
+            continue;
+        }
         if tx.send(SpoolCmd::Chunk(stream, data)).await.is_err() {
             // The spooler is gone (it never stops before the supervisor tells it to, so
             // this is a runtime shutting down): keep draining so the build never blocks.
             continue;
         }
     }
-    offset
+    offset + flush_masker(masker.as_mut(), stream, &tx).await
+}
+
+/// Hands what `masker` holds back to the spooler; returns its length.
+async fn flush_masker(masker: Option<&mut Masker>, stream: Stream, tx: &mpsc::Sender<SpoolCmd>) -> u64 {
+    let Some(m) = masker else { return 0 };
+    let mut data = Vec::new();
+    m.flush(&mut data);
+    let len = data.len() as u64;
+    if len > 0 {
+        // An error: the spooler is gone (a runtime shutting down); nothing to do.
+        let _ = tx.send(SpoolCmd::Chunk(stream, data)).await;
+    }
+    len
 }
 
 /// How long a build that ended so is held: `hold_after` always, `hold_on_failure` when

@@ -20,6 +20,7 @@ mod executor;
 pub mod fetch;
 pub mod gate;
 pub mod interactive;
+pub mod mask;
 pub mod procs;
 pub mod pty;
 pub mod reaper;

@@ -466,6 +466,7 @@ fn held_build_spec(script: &str) -> BuildSpec {
         stdin: false,
         hold_after: Some(Duration::from_secs(600)),
         hold_on_failure: None,
+        secrets: Default::default(),
     }
 }
 

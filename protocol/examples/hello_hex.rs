@@ -69,6 +69,7 @@ fn main() {
                 hold_after_ms: None,
                 hold_on_failure_ms: None,
                 hold_before_ms: None,
+                secrets: Vec::new(),
             }),
             follow: true,
         },

@@ -390,6 +390,27 @@ pub struct RunSpec {
     /// ([`DaemonMessage::HeldBefore`]) until a [`ClientMessage::Release`], or this many
     /// milliseconds, after which it starts on its own.
     pub hold_before_ms: Option<u64>,
+    /// Set in the build's environment like [`RunSpec::env`] (and over it), and masked
+    /// in the build's output: every occurrence of a value, literal, shell-quoted or
+    /// base64, becomes `****` before it is spooled or sent. Values are at least 4 bytes.
+    pub secrets: Vec<SecretVar>,
+}
+
+/// A secret of a [`RunSpec`]. Its `Debug` shows the name only, so that no log of a
+/// message ever holds a value.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretVar {
+    pub name: Bytes,
+    pub value: Bytes,
+}
+
+impl std::fmt::Debug for SecretVar {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecretVar")
+            .field("name", &self.name)
+            .field("value", &"****")
+            .finish()
+    }
 }
 
 /// One upload of a [`RunSpec`].
@@ -430,6 +451,7 @@ impl RunSpec {
             hold_after_ms: None,
             hold_on_failure_ms: None,
             hold_before_ms: None,
+            secrets: Vec::new(),
         }
     }
 

@@ -95,6 +95,7 @@ fn run_spec() -> impl Strategy<Value = RunSpec> {
                 hold_after_ms: prepare.4,
                 hold_on_failure_ms: prepare.5,
                 hold_before_ms: prepare.6,
+                secrets: Vec::new(),
             },
         )
 }

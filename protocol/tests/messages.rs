@@ -114,6 +114,7 @@ fn run_spec(command: CommandSpec) -> RunSpec {
         hold_after_ms: None,
         hold_on_failure_ms: None,
         hold_before_ms: None,
+        secrets: Vec::new(),
     }
 }
 
@@ -175,6 +176,7 @@ fn client_messages() -> Vec<ClientMessage> {
                 hold_after_ms: Some(600_000),
                 hold_on_failure_ms: Some(1_800_000),
                 hold_before_ms: Some(u64::MAX),
+                secrets: Vec::new(),
             }),
             follow: false,
         },
@@ -269,6 +271,7 @@ fn client_messages() -> Vec<ClientMessage> {
             spec: Box::new(RunSpec {
                 hold_on_failure_ms: Some(0),
                 hold_before_ms: Some(3_600_000),
+                secrets: Vec::new(),
                 ..run_spec(CommandSpec::Argv(vec![b(b"make")]))
             }),
             follow: true,
@@ -679,7 +682,7 @@ fn payload<T: Serialize>(msg: &T) -> Vec<u8> {
 fn example_frames_of_protocol_md() {
     // The two frames dumped in PROTOCOL.md, "Example": keep them in sync.
     let hello = ClientMessage::Hello(Hello {
-        protocol: 4,
+        protocol: 5,
         client_version: "0.1.0".into(),
         capabilities: vec![],
     });
@@ -688,13 +691,13 @@ fn example_frames_of_protocol_md() {
     assert_eq!(
         f,
         [
-            0xf4, 0x54, 0x48, 0x52, 0x09, 0x00, 0x00, 0x00, 0xda, 0x1f, 0xb5, 0x33, 0x00, 0x04, 0x05, b'0', b'.', b'1',
+            0xf4, 0x54, 0x48, 0x52, 0x09, 0x00, 0x00, 0x00, 0xfd, 0x62, 0x89, 0x7a, 0x00, 0x05, 0x05, b'0', b'.', b'1',
             b'.', b'0', 0x00
         ]
     );
     assert_eq!(
         tether_protocol::frame::frame_crc(&f[..8], &f[FRAME_HEADER_LEN..]),
-        0x33b5_1fda
+        0x7a89_62fd
     );
     let run = ClientMessage::Run {
         req: 1,
@@ -704,20 +707,20 @@ fn example_frames_of_protocol_md() {
     let mut f = Vec::new();
     encode_frame(&run, &mut f).unwrap();
     // 12 empty RunSpec fields from env to hold_after_ms, then hold_on_failure_ms and
-    // hold_before_ms (None), then follow.
+    // hold_before_ms (None) and secrets (empty), then follow.
     assert_eq!(
         f,
         [
-            0xf4, 0x54, 0x48, 0x52, 0x1b, 0x00, 0x00, 0x00, 0x1f, 0x47, 0x72, 0x51, 0x03, 0x01, 0x00, 0x02, 0x04, b'e',
+            0xf4, 0x54, 0x48, 0x52, 0x1c, 0x00, 0x00, 0x00, 0x58, 0xf3, 0xd8, 0x4d, 0x03, 0x01, 0x00, 0x02, 0x04, b'e',
             b'c', b'h', b'o', 0x02, b'h', b'i', 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
-            0x00, 0x00, 0x01
+            0x00, 0x00, 0x00, 0x01
         ]
     );
     // CRC32C check value of the standard algorithm, and the CRC of the Run frame.
     assert_eq!(tether_protocol::frame::frame_crc(b"1234", b"56789"), 0xE306_9283);
     assert_eq!(
         tether_protocol::frame::frame_crc(&f[..8], &f[FRAME_HEADER_LEN..]),
-        0x5172_471f
+        0x4dd8_f358
     );
     // The RunSpec of `RunSpec::new` is the one above.
     assert_eq!(
@@ -737,7 +740,7 @@ fn preamble_and_constants() {
     assert_eq!(SYNC_PAD_LEN, 131_084);
     assert_eq!(DEFAULT_STDIN_WINDOW, 262_144);
     assert_eq!(DEFAULT_UPLOAD_WINDOW, 8_388_608);
-    assert_eq!(PROTOCOL_VERSION, 4);
+    assert_eq!(PROTOCOL_VERSION, 5);
 }
 
 #[test]
@@ -967,6 +970,10 @@ fn field_order_of_structs() {
             hold_after_ms: Some(3),
             hold_on_failure_ms: Some(300),
             hold_before_ms: None,
+            secrets: vec![SecretVar {
+                name: b(b"S"),
+                value: b(b"vvvv"),
+            }],
         }),
         follow: false,
     };
@@ -977,8 +984,10 @@ fn field_order_of_structs() {
     want.extend([1, 1, b'd', 1, 1, b'u', 1]);
     want.extend([9; 32]);
     // wait_for ["g"], wait_timeout_ms None, hold_after_ms Some(3), hold_on_failure_ms
-    // Some(300) (251 then a u16), hold_before_ms None, follow false.
-    want.extend([0, 1, 1, b'g', 0, 1, 3, 1, 251, 0x2c, 0x01, 0, 0]);
+    // Some(300) (251 then a u16), hold_before_ms None, secrets [("S", "vvvv")], follow
+    // false.
+    want.extend([0, 1, 1, b'g', 0, 1, 3, 1, 251, 0x2c, 0x01, 0]);
+    want.extend([1, 1, b'S', 4, b'v', b'v', b'v', b'v', 0]);
     assert_eq!(payload(&r), want);
     let u = ClientMessage::UploadEnd {
         req: 1,
@@ -1254,13 +1263,14 @@ fn breakpoint_bytes() {
         req: 1,
         spec: Box::new(RunSpec {
             hold_before_ms: Some(600_000),
+            secrets: Vec::new(),
             ..run_spec(CommandSpec::Argv(vec![b(b"x")]))
         }),
         follow: true,
     };
     let mut want = vec![3, 1, 0, 1, 1, b'x'];
     want.extend([0; 12]); // env to hold_after_ms
-    want.extend([0, 1, 252, 0xc0, 0x27, 0x09, 0x00, 1]);
+    want.extend([0, 1, 252, 0xc0, 0x27, 0x09, 0x00, 0, 1]); // .., secrets [], follow
     assert_eq!(payload(&run), want);
     let run = ClientMessage::Run {
         req: 1,
@@ -1274,7 +1284,7 @@ fn breakpoint_bytes() {
     // 1_800_000 = 0x1b7740.
     let mut want = vec![3, 1, 0, 1, 1, b'x'];
     want.extend([0; 11]); // env to wait_timeout_ms
-    want.extend([1, 1, 1, 252, 0x40, 0x77, 0x1b, 0x00, 0, 0]);
+    want.extend([1, 1, 1, 252, 0x40, 0x77, 0x1b, 0x00, 0, 0, 0]); // .., secrets [], follow
     assert_eq!(payload(&run), want);
     // Release of a build held before its command: status None.
     assert_eq!(
@@ -1435,15 +1445,15 @@ fn every_payload_that_fits_decodes() {
                 };
                 n
             ],
-            name: Some("xy".into()),
+            name: Some("xyz".into()),
             ..run_spec(CommandSpec::Argv(vec![]))
         }),
         follow: true,
     };
-    // 32 bytes of other fields (tag 1, req 9, command 2, env length 3, options and flag 4,
-    // name 4, id 1, the preparation and hold fields 7, follow 1) and two bytes per
-    // variable.
-    let run = run_with_env((MAX_PAYLOAD - 32) / 2);
+    // 34 bytes of other fields (tag 1, req 9, command 2, env length 3, options and flag 4,
+    // name 5, id 1, the preparation and hold fields 7, secrets 1, follow 1) and two bytes
+    // per variable.
+    let run = run_with_env((MAX_PAYLOAD - 34) / 2);
     let p = payload(&run);
     assert_eq!(p.len(), MAX_PAYLOAD);
     assert_eq!(decode_framed::<ClientMessage>(&p).unwrap(), run);
@@ -1465,12 +1475,13 @@ fn every_payload_that_fits_decodes() {
     assert!(p.len() <= MAX_PAYLOAD);
     assert_eq!(decode_framed::<DaemonMessage>(&p).unwrap(), w);
 
-    // 24 bytes of other fields: tag, req, command tag, script length (252 + u32), shell,
-    // env, three options, flag, name, id, the seven preparation and hold fields, follow.
+    // 25 bytes of other fields: tag, req, command tag, script length (252 + u32), shell,
+    // env, three options, flag, name, id, the seven preparation and hold fields, secrets,
+    // follow.
     let script = ClientMessage::Run {
         req: 1,
         spec: Box::new(run_spec(CommandSpec::Script {
-            script: Bytes::from(vec![b'#'; MAX_PAYLOAD - 24]),
+            script: Bytes::from(vec![b'#'; MAX_PAYLOAD - 25]),
             shell: None,
         })),
         follow: false,

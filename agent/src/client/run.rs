@@ -70,7 +70,47 @@ fn spec(args: &RunArgs, uploads: &[Upload], downloads: &[Download]) -> anyhow::R
         hold_after_ms: (!downloads.is_empty()).then(|| DOWNLOAD_HOLD.as_millis() as u64),
         hold_on_failure_ms: args.hold_on_failure.map(|d| d.as_millis() as u64),
         hold_before_ms: args.hold_before.map(|d| d.as_millis() as u64),
+        secrets: secrets(args)?,
     })
+}
+
+/// The run's `--secret-env` and `--secret-file` secrets. Errors name the secret, never
+/// show its value.
+fn secrets(args: &RunArgs) -> anyhow::Result<Vec<wire::SecretVar>> {
+    let mut out = Vec::new();
+    for name in &args.secret_env {
+        let value = std::env::var_os(name)
+            .ok_or_else(|| anyhow::anyhow!("--secret-env {name}: not set in this environment"))?;
+        out.push((name.clone(), std::os::unix::ffi::OsStringExt::into_vec(value)));
+    }
+    for arg in &args.secret_file {
+        let (name, path) = arg
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--secret-file {arg:?}: expected NAME=PATH"))?;
+        let mut value = std::fs::read(path).with_context(|| format!("--secret-file {name}: cannot read {path}"))?;
+        if value.last() == Some(&b'\n') {
+            value.pop();
+        }
+        out.push((name.to_owned(), value));
+    }
+    out.into_iter()
+        .map(|(name, value)| {
+            if name.is_empty() || name.contains('=') || name.contains('\0') {
+                bail!("secret name {name:?}: not a valid environment variable name");
+            }
+            if value.len() < tether_executor::mask::MIN_SECRET_LEN {
+                bail!(
+                    "secret {name}: {} bytes long; secrets must be at least {} bytes to be masked",
+                    value.len(),
+                    tether_executor::mask::MIN_SECRET_LEN
+                );
+            }
+            Ok(wire::SecretVar {
+                name: bytes(name.as_bytes()),
+                value: bytes(&value),
+            })
+        })
+        .collect()
 }
 
 /// A fresh id for a build whose client reconnects: a retried `Run` must name the same

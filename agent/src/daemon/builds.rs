@@ -293,7 +293,8 @@ impl Builds {
                 "the daemon is shutting down",
             ));
         }
-        let mut build_spec = convert::build_spec(spec);
+        let mut build_spec =
+            convert::build_spec(spec).map_err(|e| error(Some(req), None, ErrorKind::BadRequest, e.to_string()))?;
         if build_spec.id.is_none() {
             build_spec.id = Some(self.fresh_id(spec.name.as_deref()));
         }

@@ -5,6 +5,7 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use tether_executor::mask::{MaskError, Secrets};
 use tether_executor::{BuildOutcome, BuildSpec, ChildStatus, CommandSpec, EndCause, Stream};
 use tether_protocol as wire;
 
@@ -22,9 +23,15 @@ pub fn path(b: &wire::Bytes) -> PathBuf {
     PathBuf::from(os(b))
 }
 
-/// A wire run request as an executor spec.
-pub fn build_spec(spec: &wire::RunSpec) -> BuildSpec {
-    BuildSpec {
+/// A wire run request as an executor spec; refuses secrets too short to be masked.
+pub fn build_spec(spec: &wire::RunSpec) -> Result<BuildSpec, MaskError> {
+    let names: Vec<String> = spec
+        .secrets
+        .iter()
+        .map(|s| String::from_utf8_lossy(&s.name).into_owned())
+        .collect();
+    let secrets = Secrets::new(names.iter().zip(&spec.secrets).map(|(n, s)| (n.as_str(), &s.value[..])))?;
+    Ok(BuildSpec {
         id: spec.id.clone(),
         name: spec.name.clone(),
         command: match &spec.command {
@@ -34,14 +41,21 @@ pub fn build_spec(spec: &wire::RunSpec) -> BuildSpec {
                 shell: shell.as_ref().map(|s| PathBuf::from(os(s))),
             },
         },
-        env: spec.env.iter().map(|v| (os(&v.name), os(&v.value))).collect(),
+        // Secrets last: they override a plain variable of the same name.
+        env: spec
+            .env
+            .iter()
+            .map(|v| (os(&v.name), os(&v.value)))
+            .chain(spec.secrets.iter().map(|s| (os(&s.name), os(&s.value))))
+            .collect(),
         workdir: spec.workdir.as_ref().map(|w| PathBuf::from(os(w))),
         timeout: spec.timeout_ms.map(Duration::from_millis),
         grace: spec.grace_ms.map(Duration::from_millis),
         stdin: spec.stdin,
         hold_after: spec.hold_after_ms.map(Duration::from_millis),
         hold_on_failure: spec.hold_on_failure_ms.map(Duration::from_millis),
-    }
+        secrets,
+    })
 }
 
 /// One line describing the command, for listings.

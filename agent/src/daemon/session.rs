@@ -59,6 +59,8 @@ impl Session {
 
     /// Handles one message.
     pub async fn handle(&mut self, msg: ClientMessage) {
+        // Secrets show as `****` here: their wire type's Debug never holds a value.
+        tracing::trace!(message = ?msg, "received");
         if !self.greeted && !matches!(msg, ClientMessage::Hello(_) | ClientMessage::Ping { .. }) {
             let message = "a message arrived before Hello; start the session with a preamble and Hello".to_owned();
             self.error(None, None, ErrorKind::NoSession, message).await;
