@@ -222,6 +222,14 @@ pub struct ServeArgs {
     /// How long a build waits for the readiness gates before it fails (exit 125).
     #[arg(long, value_name = "DUR", default_value = "5m", value_parser = parse_duration)]
     pub wait_timeout: Duration,
+    /// Most builds at once (preparing, running or held); past it a run is refused with
+    /// a "busy" error (exit 125). Default: no limit.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_builds: Option<u64>,
+    /// Most socket connections served at once; past it a connection is refused with a
+    /// "busy" error.
+    #[arg(long, value_name = "N", default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_sessions: u64,
     #[command(flatten)]
     pub archive: ArchiveArgs,
     #[command(flatten)]
@@ -365,6 +373,17 @@ pub struct RunArgs {
     /// NAME (a trailing newline is dropped), as --secret-env does (repeatable).
     #[arg(long = "secret-file", value_name = "NAME=PATH")]
     pub secret_file: Vec<String>,
+    /// Run the build (and shells opened in it) as this numeric user, and group (default:
+    /// the user's primary group in the container's /etc/passwd, or GID = UID). Needs a
+    /// daemon running as root; the build's private directory is given to that user.
+    #[arg(long, value_name = "UID[:GID]", value_parser = parse_user)]
+    pub user: Option<(u32, Option<u32>)>,
+    /// Resource limits of the build's processes, as comma-separated KEY=VALUE pairs:
+    /// nofile=N (open files), nproc=N (processes of the build's user; needs --user),
+    /// cpu=SECONDS, fsize=SIZE (largest file written), as=SIZE (address space); SIZE
+    /// takes units (512MiB), any value may be `unlimited` (repeatable).
+    #[arg(long = "limit", value_name = "KEY=VALUE,...", value_parser = parse_limits)]
+    pub limits: Vec<tether_protocol::ResourceLimits>,
     #[command(flatten)]
     pub archive: ArchiveArgs,
     /// Run this script with a shell (`sh` on PATH, `/bin/sh`, `/busybox/sh`).
@@ -404,6 +423,47 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .map_err(|e| format!("invalid size {s:?}: {e}"))
 }
 
+/// `UID` or `UID:GID`, numeric.
+pub fn parse_user(s: &str) -> Result<(u32, Option<u32>), String> {
+    let number = |part: &str| {
+        part.parse::<u32>()
+            .map_err(|_| format!("expected a numeric UID[:GID], got {s:?} (names are not looked up)"))
+    };
+    match s.split_once(':') {
+        Some((uid, gid)) => Ok((number(uid)?, Some(number(gid)?))),
+        None => Ok((number(s)?, None)),
+    }
+}
+
+/// `nofile=N,nproc=N,cpu=SECONDS,fsize=SIZE,as=SIZE` (any subset; `unlimited` allowed).
+pub fn parse_limits(s: &str) -> Result<tether_protocol::ResourceLimits, String> {
+    let mut limits = tether_protocol::ResourceLimits::default();
+    for pair in s.split(',').filter(|p| !p.is_empty()) {
+        let (key, value) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("expected KEY=VALUE, got {pair:?}"))?;
+        let parse = |sized: bool| -> Result<u64, String> {
+            match value {
+                "unlimited" => Ok(u64::MAX),
+                _ if sized => parse_size(value),
+                _ => value
+                    .parse()
+                    .map_err(|_| format!("{key}: expected a number, got {value:?}")),
+            }
+        };
+        let slot = match key {
+            "nofile" => (&mut limits.nofile, parse(false)?),
+            "nproc" => (&mut limits.nproc, parse(false)?),
+            "cpu" => (&mut limits.cpu_s, parse(false)?),
+            "fsize" => (&mut limits.fsize, parse(true)?),
+            "as" => (&mut limits.address_space, parse(true)?),
+            _ => return Err(format!("unknown limit {key:?} (nofile, nproc, cpu, fsize, as)")),
+        };
+        *slot.0 = Some(slot.1);
+    }
+    Ok(limits)
+}
+
 /// `K=V` as raw bytes: values need not be UTF-8.
 fn parse_env(s: OsString) -> Result<(OsString, OsString), String> {
     let bytes = s.as_bytes();
@@ -423,6 +483,33 @@ fn env_parser() -> impl TypedValueParser<Value = (OsString, OsString)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn users_are_numeric() {
+        assert_eq!(parse_user("1000"), Ok((1000, None)));
+        assert_eq!(parse_user("1000:50"), Ok((1000, Some(50))));
+        assert!(parse_user("jenkins").unwrap_err().contains("numeric"));
+        assert!(parse_user("1000:").is_err());
+        assert!(parse_user("-1").is_err());
+    }
+
+    #[test]
+    fn limits_parse_every_key_with_units_and_unlimited() {
+        let l = parse_limits("nofile=64,nproc=32,cpu=5,fsize=1MiB,as=unlimited").unwrap();
+        assert_eq!(
+            l,
+            tether_protocol::ResourceLimits {
+                nofile: Some(64),
+                nproc: Some(32),
+                cpu_s: Some(5),
+                fsize: Some(1 << 20),
+                address_space: Some(u64::MAX),
+            }
+        );
+        assert!(parse_limits("files=3").unwrap_err().contains("unknown limit"));
+        assert!(parse_limits("nofile").unwrap_err().contains("KEY=VALUE"));
+        assert!(parse_limits("nproc=many").is_err());
+    }
 
     #[test]
     fn durations() {

@@ -93,6 +93,8 @@ fn serve(args: cli::ServeArgs) -> i32 {
         wait_for: args.wait_for,
         wait_timeout: args.wait_timeout,
         unpack: args.archive.limits(),
+        max_builds: args.max_builds.map(|n| n as usize),
+        max_sessions: args.max_sessions as usize,
     };
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,

@@ -53,6 +53,16 @@ impl Attachments {
         self.lock().shells.iter().filter(|s| !s.is_gone()).count()
     }
 
+    /// The session ids of the attached shells that still have processes.
+    pub(crate) fn sids(&self) -> Vec<i32> {
+        self.lock()
+            .shells
+            .iter()
+            .filter(|s| !s.is_gone())
+            .map(|s| s.sid())
+            .collect()
+    }
+
     /// Whether the build began ending its shells (no shell can attach any more).
     pub fn is_closed(&self) -> bool {
         self.lock().closed

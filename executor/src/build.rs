@@ -51,6 +51,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{sleep, sleep_until};
 
 use crate::attach::Attachments;
+use crate::confine::Confinement;
 use crate::mask::{Masker, Secrets};
 use crate::reaper::{ChildStatus, Reaper};
 use crate::spawn::{SpawnError, SpawnRequest};
@@ -77,7 +78,7 @@ pub enum CommandSpec {
 /// How long a reader holds back output that could be the start of a secret while the
 /// build writes nothing more ([`crate::mask`]): long enough for the rest of a write split
 /// across reads to arrive, short enough not to be noticed on a prompt without a newline.
-const MASK_DELAY: Duration = Duration::from_millis(50);
+pub const MASK_DELAY: Duration = Duration::from_millis(50);
 
 /// Largest batch of output the spooler writes at once.
 const SPOOL_BATCH: usize = 1024 * 1024;
@@ -108,6 +109,10 @@ pub struct BuildSpec {
     pub hold_on_failure: Option<Duration>,
     /// Masked in the build's output before it is spooled or sent ([`crate::mask`]).
     pub secrets: Secrets,
+    /// The user the build (and shells opened in it) run as, and their resource limits
+    /// ([`crate::confine`]); the private directory is given to that user before the
+    /// command starts. The caller checks it ([`Confinement::check`]) first.
+    pub confine: Confinement,
 }
 
 /// Which output stream a chunk belongs to.
@@ -132,6 +137,12 @@ pub struct OutputChunk {
 #[derive(Debug, Clone)]
 pub enum BuildEvent {
     Output(OutputChunk),
+    /// Output at positions `[from, to)` could not be written to the spool (the disk is
+    /// full, say): it is lost, for every consumer alike, and the spool shows the same gap.
+    Gap {
+        from: u64,
+        to: u64,
+    },
     Held(Held),
     Finished(BuildOutcome),
 }
@@ -170,6 +181,8 @@ pub enum StartError {
     BadWorkdir { path: PathBuf, reason: String },
     #[error("cannot create the build directory: {0}")]
     BuildDir(String),
+    #[error("cannot give the build directory to uid {uid}: {source}")]
+    GiveDir { uid: u32, source: io::Error },
     #[error("build id {0:?} is already in use")]
     IdInUse(String),
     #[error("cannot create the build's output spool: {0}")]
@@ -250,6 +263,10 @@ pub struct Build {
     pub env: Arc<[(OsString, OsString)]>,
     /// Interactive shells running in the build's directory; hung up before it is removed.
     pub attachments: Attachments,
+    /// The spec's confinement and secrets, for shells opened in the build: they run as
+    /// its command does, and their output is masked as its output is.
+    pub confine: Confinement,
+    pub secrets: Secrets,
 }
 
 /// What the executor hands [`spawn`] beyond the spec.
@@ -260,6 +277,8 @@ pub(crate) struct Launch<'a> {
     pub id: String,
     /// The build's complete environment ([`build_env`]).
     pub env: Arc<[(OsString, OsString)]>,
+    /// Its [`crate::hunt::COOKIE_VAR`] value.
+    pub cookie: OsString,
     pub attachments: Attachments,
     pub fallback_shells: &'a [PathBuf],
     pub default_grace: Duration,
@@ -351,10 +370,26 @@ fn run_spooler(mut writer: SpoolWriter, mut rx: mpsc::Receiver<SpoolCmd>, events
         if !batch.is_empty() {
             let refs: Vec<(Stream, &[u8])> = batch.iter().map(|(s, d)| (*s, d.as_slice())).collect();
             let mut offset = writer.append(&refs);
+            // What the spool could not take is a gap for the consumer too: every reader,
+            // live or later, sees the same. A failed range covers whole chunks.
+            let failed = writer.take_failed();
+            let mut out = Vec::with_capacity(batch.len());
             for (stream, data) in batch.drain(..) {
                 let len = data.len() as u64;
-                let ev = BuildEvent::Output(OutputChunk { stream, offset, data });
+                if failed.iter().any(|&(from, to)| from <= offset && offset < to) {
+                    match out.last_mut() {
+                        Some(BuildEvent::Gap { to, .. }) if *to == offset => *to = offset + len,
+                        _ => out.push(BuildEvent::Gap {
+                            from: offset,
+                            to: offset + len,
+                        }),
+                    }
+                } else {
+                    out.push(BuildEvent::Output(OutputChunk { stream, offset, data }));
+                }
                 offset += len;
+            }
+            for ev in out {
                 if consumer && events.blocking_send(ev).is_err() {
                     consumer = false;
                 }
@@ -391,6 +426,12 @@ struct Spawned {
 
 fn prepare_and_spawn(spec: &BuildSpec, launch: &Launch<'_>) -> Result<Spawned, StartError> {
     let cwd = resolve_workdir(&launch.dir.work, spec.workdir.as_deref())?;
+    if let Some(user) = spec.confine.user {
+        crate::owner::give_tree(&launch.dir.root, user).map_err(|e| StartError::GiveDir {
+            uid: user.uid,
+            source: e,
+        })?;
+    }
     let env = &launch.env;
     let path_var = env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.clone());
 
@@ -438,6 +479,7 @@ fn prepare_and_spawn(spec: &BuildSpec, launch: &Launch<'_>) -> Result<Spawned, S
         stdout: out_w.as_raw_fd(),
         stderr: err_w.as_raw_fd(),
         tty: None,
+        confine: Some(&spec.confine),
     };
     let started = Instant::now();
     let (pid, status) = launch
@@ -480,11 +522,13 @@ pub(crate) fn build_env(
     spec_env: &[(OsString, OsString)],
     id: &str,
     tmp: &Path,
+    cookie: &std::ffi::OsStr,
 ) -> Vec<(OsString, OsString)> {
     let mut env: Vec<(OsString, OsString)> = base.to_vec();
     let tmp = tmp.as_os_str().to_os_string();
     let own = [
         ("TETHER_BUILD_ID", OsString::from(id)),
+        (crate::hunt::COOKIE_VAR, cookie.to_os_string()),
         ("TMPDIR", tmp.clone()),
         ("TMP", tmp.clone()),
         ("TEMP", tmp),
@@ -592,6 +636,8 @@ fn supervise(spec: BuildSpec, launch: Launch<'_>, spooler: Spooler, s: Spawned) 
         spool,
         env: Arc::clone(&launch.env),
         attachments: launch.attachments.clone(),
+        confine: spec.confine,
+        secrets: spec.secrets.clone(),
     };
     let ctx = Supervisor {
         pgid: Pid::from_raw(s.pid as i32),
@@ -603,6 +649,7 @@ fn supervise(spec: BuildSpec, launch: Launch<'_>, spooler: Spooler, s: Spawned) 
         reaper: launch.reaper.clone(),
         dir: launch.dir,
         id: launch.id,
+        cookie: launch.cookie,
         started: s.started,
     };
     tokio::spawn(ctx.run(s.status, control_rx, finishing_tx, readers, events_tx));
@@ -619,6 +666,8 @@ struct Supervisor {
     reaper: Reaper,
     dir: BuildDir,
     id: String,
+    /// The value of [`crate::hunt::COOKIE_VAR`] in the build's environment.
+    cookie: OsString,
     started: Instant,
 }
 
@@ -679,8 +728,10 @@ impl Supervisor {
             _ = sleep(DRAIN_WAIT) => None,
         };
 
-        // 3. Whatever is left of the group is ended.
-        let leftovers_killed = self.end_leftovers(kill_at, &mut control).await;
+        // 3. Whatever is left of the group is ended, and so is whatever left the group
+        //    (but not the shells attached to the build: a held build keeps them).
+        let mut leftovers_killed = self.end_leftovers(kill_at, &mut control).await;
+        leftovers_killed |= self.hunt_escapees(self.attachments.sids()).await > 0;
 
         // 4. Drain the rest; readers now stop after DRAIN_WAIT of silence.
         let _ = finishing.send(true);
@@ -699,8 +750,10 @@ impl Supervisor {
             }
         }
 
-        // 6. End the shells working in the directory, remove it, then report.
+        // 6. End the shells working in the directory and whatever escaped meanwhile,
+        //    remove the directory, then report.
         self.attachments.hang_up_all().await;
+        leftovers_killed |= self.hunt_escapees(Vec::new()).await > 0;
         let dir = self.dir;
         let cleanup_error = if dir.remove_if_empty() {
             None
@@ -782,6 +835,22 @@ impl Supervisor {
             }
         }
         true
+    }
+
+    /// Kills the build's processes that left its group ([`crate::hunt`]), sparing the
+    /// sessions in `spare`; returns how many. Scans `/proc` only when it can find any.
+    async fn hunt_escapees(&self, spare: Vec<i32>) -> usize {
+        if !crate::hunt::needed(&self.reaper) {
+            return 0;
+        }
+        let cookie = self.cookie.clone();
+        let killed = tokio::task::spawn_blocking(move || crate::hunt::kill_carriers(&cookie, &spare))
+            .await
+            .unwrap_or(0);
+        if killed > 0 {
+            tracing::info!(build = %self.id, killed, "killed processes that escaped the build's process group");
+        }
+        killed
     }
 
     fn group_alive(&self) -> bool {
@@ -971,13 +1040,22 @@ mod tests {
     #[test]
     fn tethers_own_variables_win_over_the_specs_and_the_base() {
         let base = [("PATH".into(), "/bin".into()), ("TMPDIR".into(), "/tmp".into())];
-        let spec = [("PATH".into(), "/opt/bin".into()), ("TMP".into(), "/elsewhere".into())];
-        let env = build_env(&base, &spec, "b1", Path::new("/state/b1/tmp"));
+        let spec = [
+            ("PATH".into(), "/opt/bin".into()),
+            ("TMP".into(), "/elsewhere".into()),
+            ("TETHER_BUILD_COOKIE".into(), "chosen".into()),
+        ];
+        let env = build_env(&base, &spec, "b1", Path::new("/state/b1/tmp"), "c00k1e".as_ref());
         let get = |k: &str| env.iter().find(|(ek, _)| ek == k).map(|(_, v)| v.clone());
         assert_eq!(get("PATH"), Some("/opt/bin".into()));
         assert_eq!(get("TMPDIR"), Some("/state/b1/tmp".into()));
         assert_eq!(get("TMP"), Some("/state/b1/tmp".into()));
         assert_eq!(get("TETHER_BUILD_ID"), Some("b1".into()));
+        assert_eq!(
+            get("TETHER_BUILD_COOKIE"),
+            Some("c00k1e".into()),
+            "a build cannot choose its cookie"
+        );
         assert_eq!(env.iter().filter(|(k, _)| k == "PATH").count(), 1);
     }
 }

@@ -1,6 +1,7 @@
 //! The executor: the state dir, the reaper, and the factory of builds and shells.
 
 use std::ffi::OsString;
+use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -127,12 +128,30 @@ impl Executor {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_else(|| name.to_owned()),
         };
-        let env = build::build_env(&inner.config.base_env, &spec.env, &id, &dir.tmp).into();
+        if let Some(user) = spec.confine.user {
+            // Shells opened before the command (as that user) can work in it at once;
+            // what goes into it later is given again at the start.
+            let given = crate::owner::check_reachable(&dir.root, user)
+                .map_err(io::Error::other)
+                .and_then(|()| crate::owner::give_tree(&dir.root, user));
+            if let Err(e) = given {
+                if let Err(e) = dir.remove() {
+                    tracing::warn!(error = %e, "cannot remove the directory of a build that could not start");
+                }
+                return Err(StartError::GiveDir {
+                    uid: user.uid,
+                    source: e,
+                });
+            }
+        }
+        let cookie = crate::hunt::new_cookie();
+        let env = build::build_env(&inner.config.base_env, &spec.env, &id, &dir.tmp, &cookie).into();
         Ok(Prepared {
             executor: self.clone(),
             parts: Some((spec, dir)),
             id,
             env,
+            cookie,
             attachments: Attachments::new(),
         })
     }
@@ -193,6 +212,8 @@ pub struct Prepared {
     id: String,
     /// The build's environment, computed once: the build and its shells share it.
     env: Arc<[(OsString, OsString)]>,
+    /// Marks its processes ([`crate::hunt`]).
+    cookie: OsString,
     /// Shells opened in the directory before the build starts; they move into the build.
     attachments: Attachments,
 }
@@ -217,6 +238,37 @@ impl Prepared {
         self.env.to_vec()
     }
 
+    /// The user and limits the build's command will run with (its shells run so too).
+    pub fn confine(&self) -> crate::confine::Confinement {
+        self.parts.as_ref().map(|(spec, _)| spec.confine).unwrap_or_default()
+    }
+
+    /// Gives everything put into the directory so far to the user the build runs as
+    /// (when it has one), so that shells opened before the command can change it.
+    /// [`Prepared::start`] does it again for what comes later.
+    pub fn give_to_user(&self) -> Result<(), StartError> {
+        match &self.parts {
+            Some((spec, dir)) => match spec.confine.user {
+                Some(user) => crate::owner::give_tree(&dir.root, user)
+                    .map(drop)
+                    .map_err(|e| StartError::GiveDir {
+                        uid: user.uid,
+                        source: e,
+                    }),
+                None => Ok(()),
+            },
+            None => Ok(()),
+        }
+    }
+
+    /// The secrets masked in the build's output (and in its shells').
+    pub fn secrets(&self) -> crate::mask::Secrets {
+        self.parts
+            .as_ref()
+            .map(|(spec, _)| spec.secrets.clone())
+            .unwrap_or_default()
+    }
+
     /// The list shells opened in this build attach to ([`Executor::shell`]). It moves
     /// into the [`Build`] on start; dropping or discarding the `Prepared` kills them.
     pub fn attachments(&self) -> Attachments {
@@ -238,6 +290,7 @@ impl Prepared {
                 dir,
                 id: self.id.clone(),
                 env: Arc::clone(&self.env),
+                cookie: self.cookie.clone(),
                 attachments: self.attachments.clone(),
                 fallback_shells: &inner.config.fallback_shells,
                 default_grace: inner.config.default_grace,
@@ -256,6 +309,9 @@ impl Prepared {
     fn remove_dir(&mut self) {
         if let Some((_, dir)) = self.parts.take() {
             self.attachments.kill_all();
+            if crate::hunt::needed(&self.executor.inner.reaper) {
+                crate::hunt::kill_carriers(&self.cookie, &[]);
+            }
             if let Err(e) = dir.remove() {
                 tracing::warn!(build = %self.id, error = %e, "cannot remove the directory of a build that never started");
             }

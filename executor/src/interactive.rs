@@ -50,6 +50,7 @@ use tokio::time::{sleep, sleep_until, Instant};
 pub use crate::attach::Attachments;
 use crate::attach::KILL_WAIT;
 use crate::build::{StartError, Stream, DRAIN_WAIT};
+use crate::confine::Confinement;
 use crate::procs;
 use crate::pty::{self, AsyncMaster, WindowSize};
 use crate::reaper::{ChildStatus, Reaper};
@@ -77,6 +78,8 @@ pub struct ShellSpec {
     pub tty: Option<WindowSize>,
     /// Between SIGHUP and SIGKILL when the shell is hung up or leaves processes behind.
     pub grace: Duration,
+    /// The user and limits it runs with (a shell in a build gets the build's).
+    pub confine: Confinement,
 }
 
 /// A running shell.
@@ -277,6 +280,7 @@ pub(crate) fn start(spec: ShellSpec, launch: ShellLaunch<'_>) -> Result<Shell, S
         stdout,
         stderr,
         tty: slave.as_deref(),
+        confine: Some(&spec.confine),
     };
     let (pid, status) = launch
         .reaper

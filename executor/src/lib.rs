@@ -16,11 +16,14 @@
 pub mod attach;
 pub mod build;
 pub mod cleanup;
+pub mod confine;
 mod executor;
 pub mod fetch;
 pub mod gate;
+pub mod hunt;
 pub mod interactive;
 pub mod mask;
+pub mod owner;
 pub mod procs;
 pub mod pty;
 pub mod reaper;

@@ -231,6 +231,7 @@ mod tests {
             stdout: std::os::fd::AsRawFd::as_raw_fd(&out_w),
             stderr: std::os::fd::AsRawFd::as_raw_fd(&out_w),
             tty: None,
+            confine: None,
         };
         let (pid, status) = reaper.spawn_with(|| crate::spawn::spawn(&request)).unwrap();
         drop((r, out_w));

@@ -102,10 +102,40 @@ impl Reaper {
         Ok((pid, rx))
     }
 
+    /// Whether this process has children it did not spawn through [`Reaper::spawn_with`]
+    /// (orphans re-parented to it, as PID 1 or a child subreaper), or that ended and
+    /// are not reaped yet. `None` when it cannot tell: it is neither PID 1 nor a
+    /// subreaper (orphans go elsewhere), or `/proc` does not list children.
+    pub fn has_strangers(&self) -> Option<bool> {
+        let reaps_orphans = std::process::id() == 1 || nix::sys::prctl::get_child_subreaper().unwrap_or(false);
+        if !reaps_orphans {
+            return None;
+        }
+        let children = children_of_self()?;
+        let waiters = self.inner.lock();
+        Some(children.iter().any(|pid| !waiters.contains_key(pid)))
+    }
+
     /// A receiver that changes whenever any process was reaped.
     pub fn reaped(&self) -> watch::Receiver<u64> {
         self.inner.reaped.subscribe()
     }
+}
+
+/// The children of every thread of this process (`/proc/self/task/*/children`, which
+/// needs a kernel with `CONFIG_PROC_CHILDREN`); `None` when it cannot be read.
+fn children_of_self() -> Option<Vec<i32>> {
+    let mut pids = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let path = task.ok()?.path().join("children");
+        match std::fs::read_to_string(&path) {
+            Ok(text) => pids.extend(text.split_ascii_whitespace().filter_map(|p| p.parse::<i32>().ok())),
+            // A thread that ended during the listing.
+            Err(e) if e.kind() == io::ErrorKind::NotFound && path.parent().is_some_and(|t| !t.exists()) => {}
+            Err(_) => return None,
+        }
+    }
+    Some(pids)
 }
 
 fn reap_forever(inner: &Inner) {

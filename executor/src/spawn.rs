@@ -17,8 +17,13 @@
 //! when it opens the slave, and opening it without `O_NOCTTY` makes it the session's
 //! controlling terminal, as a login does.
 //!
-//! On an exec failure glibc reaps the failed child itself: callers must hold the
-//! reaper's lock across [`spawn`] (see [`crate::reaper::Reaper::spawn_with`]).
+//! A build confined to another user or to resource limits ([`SpawnRequest::confine`])
+//! is started with `fork` instead, through `std::process::Command` and a `pre_exec` hook
+//! that does what `posix_spawn` cannot: `setrlimit`, `setgroups`, `setgid`, `setuid`
+//! ([`crate::confine`]). Only such builds pay for the `fork`.
+//!
+//! On an exec failure glibc (and std) reap the failed child themselves: callers must
+//! hold the reaper's lock across [`spawn`] (see [`crate::reaper::Reaper::spawn_with`]).
 
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
@@ -44,6 +49,9 @@ pub struct SpawnRequest<'a> {
     /// A terminal (a pty's slave) the child opens as fd 0, 1 and 2 and acquires as its
     /// controlling terminal; `stdin`, `stdout` and `stderr` are not used then.
     pub tty: Option<&'a Path>,
+    /// The user and limits to apply in the child; `None` (or nothing to apply) spawns
+    /// without a `fork`.
+    pub confine: Option<&'a crate::confine::Confinement>,
 }
 
 /// Why spawning failed.
@@ -152,6 +160,9 @@ pub fn spawn(req: &SpawnRequest<'_>) -> Result<i32, SpawnError> {
         .collect::<Result<_, _>>()?;
     let cwd = cstring(req.cwd.as_os_str())?;
     let tty = req.tty.map(|p| cstring(p.as_os_str())).transpose()?;
+    if let Some(confine) = req.confine.filter(|c| !c.is_none()) {
+        return spawn_confined(req, &program, tty, confine.for_child());
+    }
     let null = match (req.stdin, &tty) {
         (None, None) => Some(std::fs::File::open("/dev/null").map_err(SpawnError::Other)?),
         _ => None,
@@ -220,6 +231,84 @@ pub fn spawn(req: &SpawnRequest<'_>) -> Result<i32, SpawnError> {
             _ => Err(SpawnError::Other(io::Error::from_raw_os_error(rc))),
         }
     }
+}
+
+/// Maps an error of std's spawn (from the `exec`, or from the `pre_exec` hook).
+fn spawn_error(e: io::Error) -> SpawnError {
+    match e.raw_os_error() {
+        Some(libc::ENOENT) => SpawnError::NotFound,
+        Some(libc::EACCES | libc::ENOEXEC | libc::EISDIR | libc::ENOTDIR) => SpawnError::NotExecutable(e),
+        _ => SpawnError::Other(e),
+    }
+}
+
+/// [`spawn`] with a `fork`, applying `confine` in the child before the `exec`. The
+/// child's setup mirrors the `posix_spawn` path: a new session, the tty opened as the
+/// controlling terminal (or the given fds), default signal dispositions, an empty mask.
+fn spawn_confined(
+    req: &SpawnRequest<'_>,
+    program: &CString,
+    tty: Option<CString>,
+    confine: crate::confine::ChildConfinement,
+) -> Result<i32, SpawnError> {
+    use std::os::unix::process::CommandExt;
+    use std::process::{Command, Stdio};
+
+    let stdio = |fd: Option<RawFd>| -> Result<Stdio, SpawnError> {
+        match fd {
+            Some(fd) if tty.is_none() => {
+                // SAFETY: the caller keeps `fd` open across this call; the dup is ours.
+                let owned = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
+                    .try_clone_to_owned()
+                    .map_err(SpawnError::Other)?;
+                Ok(Stdio::from(owned))
+            }
+            _ => Ok(Stdio::null()),
+        }
+    };
+    let mut cmd = Command::new(OsStr::from_bytes(program.as_bytes()));
+    if let Some((first, rest)) = req.argv.split_first() {
+        cmd.arg0(first).args(rest);
+    }
+    cmd.env_clear()
+        .envs(req.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(req.cwd)
+        .stdin(stdio(req.stdin)?)
+        .stdout(stdio(Some(req.stdout))?)
+        .stderr(stdio(Some(req.stderr))?);
+    // SAFETY: the hook runs in the forked child and makes only async-signal-safe system
+    // calls on data prepared before the fork; it allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if let Some(tty) = &tty {
+                // No O_NOCTTY: the new session's first terminal becomes its own.
+                let fd = libc::open(tty.as_ptr(), libc::O_RDWR);
+                if fd < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                for target in 0..3 {
+                    if fd != target && libc::dup2(fd, target) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+                if fd > 2 {
+                    libc::close(fd);
+                }
+            }
+            // Every signal back to its default action (std resets only SIGPIPE and the
+            // mask); SIGKILL and SIGSTOP refuse, which is fine.
+            for sig in 1..libc::SIGRTMAX() {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+            confine.apply_in_child()
+        });
+    }
+    let child = cmd.spawn().map_err(spawn_error)?;
+    // Dropping a std `Child` neither waits for nor kills it: the reaper owns it now.
+    Ok(child.id() as i32)
 }
 
 /// A pipe whose both ends are close-on-exec (the child gets `dup2` copies).

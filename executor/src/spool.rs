@@ -459,6 +459,7 @@ impl SpoolSet {
             buf: Vec::new(),
             records: Vec::new(),
             failing: false,
+            failed: Vec::new(),
             done: false,
             #[cfg(test)]
             fail_next: None,
@@ -613,6 +614,8 @@ pub struct SpoolWriter {
     records: Vec<(u64, u64)>,
     /// In a write-failure episode (warned already).
     failing: bool,
+    /// Ranges that failed since the last [`SpoolWriter::take_failed`].
+    failed: Vec<(u64, u64)>,
     /// Finished: nothing left for Drop to do.
     done: bool,
     /// Test hook: the next batch writes this many bytes, then fails with ENOSPC.
@@ -663,6 +666,13 @@ impl SpoolWriter {
             rest = &rest[take..];
         }
         first
+    }
+
+    /// The position ranges `[from, to)` that [`SpoolWriter::append`] could not write
+    /// since the last call (adjacent ones merged): readers get a WriteFailed gap there.
+    /// A failed batch is never split: each range covers whole chunks.
+    pub fn take_failed(&mut self) -> Vec<(u64, u64)> {
+        std::mem::take(&mut self.failed)
     }
 
     fn append_batch(&mut self, chunks: &[(Stream, &[u8])]) -> u64 {
@@ -840,6 +850,10 @@ impl SpoolWriter {
         state.end = first + len;
         state.add_failed(first, first + len);
         drop(state);
+        match self.failed.last_mut() {
+            Some((_, to)) if *to == first => *to = first + len,
+            _ => self.failed.push((first, first + len)),
+        }
         if !self.failing {
             self.failing = true;
             tracing::warn!(
@@ -1545,6 +1559,9 @@ mod tests {
         assert_eq!(w.append(&[(ERR, b"zz")]), 20);
         assert_eq!(w.append(&[(ERR, b"ok")]), 22);
         assert_eq!(spool.end(), 24);
+        // The writer tells its caller the same ranges, once.
+        assert_eq!(w.take_failed(), vec![(0, 4), (10, 22)]);
+        assert!(w.take_failed().is_empty());
         assert_eq!(
             read_all(&spool, 0),
             vec![

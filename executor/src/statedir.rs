@@ -11,15 +11,20 @@
 //!
 //! Layout:
 //! ```text
-//! root/                      0700, ours, not a symlink
-//!   instances/               0700
-//!     <pid>-<random>/        0700, one per live (or dead, not yet swept) daemon
+//! root/                      0711, ours, not a symlink
+//!   instances/               0711
+//!     <pid>-<random>/        0711, one per live (or dead, not yet swept) daemon
 //!       lock                 held locked by the daemon
-//!       builds/              0700
+//!       builds/              0711
 //!         <id>.<random>/     0700, one per build: work/ and tmp/ inside
 //!       records/             0700, the builds' output spools and status log
 //!                            (see `crate::spool`)
 //! ```
+//!
+//! The directories down to `builds/` are *searchable* by everyone (0711) and listable
+//! by nobody else: a build that runs as another user (`--user`) must reach its own
+//! directory, which it owns, but cannot list `builds/` to find another build's, whose
+//! directory is 0700 and owned by someone else anyway. Every other entry is 0700 or 0600.
 //!
 //! The lock file is created and locked under a temporary name and only then
 //! renamed to `lock`, so a sweeping daemon never sees an unlocked `lock` of a
@@ -44,6 +49,8 @@ const LOCK_FILE: &str = "lock";
 const LOCK_FILE_NEW: &str = ".lock.new";
 /// Subdirectory of an instance directory holding the build dirs.
 const BUILDS: &str = "builds";
+/// The mode of the directories above the build dirs: search for all, list for the owner.
+const SEARCHABLE: u32 = 0o711;
 /// Longest sanitized build name, in bytes.
 const MAX_NAME_LEN: usize = 64;
 
@@ -170,9 +177,9 @@ impl StateDir {
     /// for as long as the returned `StateDir` lives, and `builds/` in it.
     /// Returns what the sweep did.
     pub fn open(root: &Path) -> Result<(StateDir, SweepReport), StateDirError> {
-        ensure_private_dir(root, true)?;
+        ensure_private_dir(root, true, SEARCHABLE)?;
         let instances = root.join(INSTANCES);
-        ensure_private_dir(&instances, false)?;
+        ensure_private_dir(&instances, false, SEARCHABLE)?;
         let report = sweep(&instances);
         let (instance_dir, lock) = create_instance(&instances)?;
         Ok((
@@ -268,15 +275,15 @@ fn sanitize_name(name: &str) -> String {
     }
 }
 
-/// Makes sure `path` is a directory of ours with mode 0700, creating it (and
+/// Makes sure `path` is a directory of ours with `mode`, creating it (and
 /// its missing parents if `parents`) if need be. Checks are made on the
 /// opened directory (opened without following a symlink), so they are about
 /// the directory that is really there.
-fn ensure_private_dir(path: &Path, parents: bool) -> Result<(), StateDirError> {
+fn ensure_private_dir(path: &Path, parents: bool, mode: u32) -> Result<(), StateDirError> {
     match fs::symlink_metadata(path) {
         Ok(_) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            let created = DirBuilder::new().recursive(parents).mode(0o700).create(path);
+            let created = DirBuilder::new().recursive(parents).mode(mode).create(path);
             match created {
                 Ok(()) => {}
                 // Created meanwhile by another daemon: checked below.
@@ -319,8 +326,8 @@ fn ensure_private_dir(path: &Path, parents: bool) -> Result<(), StateDirError> {
             expected: euid,
         });
     }
-    if meta.mode() & 0o7777 != 0o700 {
-        dir.set_permissions(Permissions::from_mode(0o700))
+    if meta.mode() & 0o7777 != mode {
+        dir.set_permissions(Permissions::from_mode(mode))
             .map_err(io_err("chmod", path))?;
     }
     Ok(())
@@ -336,7 +343,11 @@ fn create_private_dir(path: &Path) -> Result<(), StateDirError> {
 }
 
 fn set_private(path: &Path) -> Result<(), StateDirError> {
-    fs::set_permissions(path, Permissions::from_mode(0o700)).map_err(io_err("chmod", path))
+    set_mode(path, 0o700)
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<(), StateDirError> {
+    fs::set_permissions(path, Permissions::from_mode(mode)).map_err(io_err("chmod", path))
 }
 
 /// Creates this daemon's instance dir in `instances` and its locked `lock`
@@ -349,7 +360,7 @@ fn create_instance(instances: &Path) -> Result<(PathBuf, File), StateDirError> {
         .tempdir_in(instances)
         .map_err(io_err("create an instance dir in", instances))?;
     // Until `keep`, dropping `dir` (on error) removes it again.
-    set_private(dir.path())?;
+    set_mode(dir.path(), SEARCHABLE)?;
     let new_lock = dir.path().join(LOCK_FILE_NEW);
     let mut lock = OpenOptions::new()
         .read(true)
@@ -375,7 +386,9 @@ fn create_instance(instances: &Path) -> Result<(PathBuf, File), StateDirError> {
     // not to the name).
     let lock_path = dir.path().join(LOCK_FILE);
     fs::rename(&new_lock, &lock_path).map_err(io_err("rename", &new_lock))?;
-    create_private_dir(&dir.path().join(BUILDS))?;
+    let builds = dir.path().join(BUILDS);
+    create_private_dir(&builds)?;
+    set_mode(&builds, SEARCHABLE)?;
     Ok((dir.keep(), lock))
 }
 
@@ -535,9 +548,12 @@ mod tests {
             root.join(INSTANCES),
             state.instance_dir().to_path_buf(),
             state.builds_dir(),
+            // Missing parents too: a build running as another user passes through them.
+            tmp.path().join("a/b"),
         ] {
-            assert_eq!(mode(&dir), 0o700, "{}", dir.display());
+            assert_eq!(mode(&dir), 0o711, "searchable, not listable: {}", dir.display());
         }
+        assert_eq!(mode(&state.instance_dir().join(LOCK_FILE)), 0o600);
         assert!(state.instance_dir().join(LOCK_FILE).is_file());
         assert!(!state.instance_dir().join(LOCK_FILE_NEW).exists());
 
@@ -714,7 +730,7 @@ mod tests {
         fs::create_dir(&root).unwrap();
         chmod(&root, 0o755);
         let (state, _) = StateDir::open(&root).unwrap();
-        assert_eq!(mode(&root), 0o700);
+        assert_eq!(mode(&root), 0o711);
         state.remove().unwrap();
     }
 

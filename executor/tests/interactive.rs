@@ -49,6 +49,7 @@ fn pty_spec(cwd: &Path) -> ShellSpec {
         cwd: cwd.to_path_buf(),
         tty: Some(SIZE),
         grace: Duration::from_secs(5),
+        confine: Default::default(),
     }
 }
 
@@ -467,6 +468,7 @@ fn held_build_spec(script: &str) -> BuildSpec {
         hold_after: Some(Duration::from_secs(600)),
         hold_on_failure: None,
         secrets: Default::default(),
+        confine: Default::default(),
     }
 }
 

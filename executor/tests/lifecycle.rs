@@ -39,6 +39,7 @@ fn script(s: &str) -> BuildSpec {
         hold_after: None,
         hold_on_failure: None,
         secrets: Default::default(),
+        confine: Default::default(),
     }
 }
 
@@ -77,6 +78,7 @@ async fn finish(mut build: Build) -> Finished {
                 events.push((c.stream, c.data));
             }
             BuildEvent::Held(h) => panic!("a build without hold_after was held: {h:?}"),
+            BuildEvent::Gap { from, to } => panic!("output {from}..{to} could not be spooled"),
             BuildEvent::Finished(outcome) => {
                 assert!(build.events.recv().await.is_none(), "Finished is the last event");
                 assert_spooled(&build, &events, &outcome);
@@ -538,6 +540,7 @@ async fn until_held(build: &mut Build) -> (Vec<u8>, tether_executor::Held) {
         match ev {
             BuildEvent::Output(c) => out.extend_from_slice(&c.data),
             BuildEvent::Held(h) => return (out, h),
+            BuildEvent::Gap { from, to } => panic!("output {from}..{to} could not be spooled"),
             BuildEvent::Finished(o) => panic!("finished without a hold: {o:?}"),
         }
     }

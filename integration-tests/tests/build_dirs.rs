@@ -68,7 +68,9 @@ impl Dirs {
             &instance.to_path_buf(),
             &builds.to_path_buf(),
         ] {
-            assert_eq!(mode(dir), 0o700, "mode of {}", dir.display());
+            // Searchable (a build running as another user reaches its own dir), listable
+            // by the daemon's user alone.
+            assert_eq!(mode(dir), 0o711, "mode of {}", dir.display());
         }
         for dir in [root, &self.work, &self.tmp] {
             assert_eq!(mode(dir), 0o700, "mode of {}", dir.display());
@@ -132,7 +134,7 @@ fn default_state_dir_is_private_to_the_user_in_the_temp_dir() {
         "cwd {work:?} not under {root:?}"
     );
     assert_eq!(Path::new(dirs[1]), work.parent().unwrap().join("tmp"));
-    assert_eq!(mode(&root), 0o700);
+    assert_eq!(mode(&root), 0o711);
     assert!(!work.parent().unwrap().exists(), "the build dir outlived the build");
 }
 

@@ -74,12 +74,16 @@ fn orphans_of_a_build_are_reaped_by_tether_as_pid_1() {
     s.hello();
 
     // 200 grandchildren orphaned inside the build's process group (tether ends what is
-    // left of them when the build exits), and 50 that escape it with setsid and outlive
-    // the build: all of them are re-parented to PID 1, which must reap them.
+    // left of them when the build exits); 50 that escape it with setsid and are hunted
+    // down by the build's cookie at its end; and 50 that also clear their environment
+    // (which the hunt cannot see through) and outlive the build. All are re-parented to
+    // PID 1, which must reap them.
     let script = r#"i=0
 while [ $i -lt 200 ]; do (sleep 0.3 &); i=$((i+1)); done
 i=0
-while [ $i -lt 50 ]; do (setsid sleep 3 </dev/null >/dev/null 2>&1 &); i=$((i+1)); done
+while [ $i -lt 50 ]; do (setsid sleep 1000 </dev/null >/dev/null 2>&1 &); i=$((i+1)); done
+i=0
+while [ $i -lt 50 ]; do (setsid env -i PATH="$PATH" sleep 3 </dev/null >/dev/null 2>&1 &); i=$((i+1)); done
 echo spawned"#;
     let started = Instant::now();
     let build = s.start_build(1, script_spec(script)).build;
@@ -91,10 +95,12 @@ echo spawned"#;
     assert_eq!(String::from_utf8_lossy(&out.stdout), "spawned\n");
     assert_eq!(String::from_utf8_lossy(&out.stderr), "");
 
-    // The escaped sleeps still run, re-parented to tether.
+    // The hunted sleeps are gone with the build; those without its environment run on,
+    // re-parented to tether.
     let procs = bundle.processes();
     let (_, sleeps) = zombies_and_sleeps(&procs);
-    assert!(!sleeps.is_empty(), "the escaped sleeps run on: {procs:?}");
+    let live: Vec<_> = sleeps.iter().filter(|p| p.state != 'Z').collect();
+    assert_eq!(live.len(), 50, "only the sleeps without the cookie run on: {procs:?}");
     assert!(
         sleeps.iter().all(|p| p.ppid == 1),
         "orphans are re-parented to PID 1: {sleeps:?}"

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use tether_protocol::{
     encode_frame, BuildId, BuildState, BuildSummary, Bytes, ClientMessage, CommandSpec, DaemonMessage, EndCause,
-    EnvVar, ExitStatus, Exited, GapReason, Hello, Limits, OutputStream, RunSpec, ShellSpec, Started, Welcome,
+    EnvVar, ExitStatus, Exited, GapReason, Hello, Limits, OutputStream, RunAs, RunSpec, ShellSpec, Started, Welcome,
     WindowSize, DEFAULT_UPLOAD_WINDOW, FRAME_HEADER_LEN, PREAMBLE, PROTOCOL_VERSION,
 };
 
@@ -18,6 +18,9 @@ fn client_messages() -> Vec<ClientMessage> {
     spec.stdin = true;
     spec.hold_on_failure_ms = Some(1_800_000);
     spec.hold_before_ms = Some(60_000);
+    spec.user = Some(RunAs { uid: 1000, gid: None });
+    spec.limits.nofile = Some(1024);
+    spec.limits.address_space = Some(u64::MAX);
     vec![
         ClientMessage::Hello(Hello {
             protocol: PROTOCOL_VERSION,

@@ -70,6 +70,8 @@ fn main() {
                 hold_on_failure_ms: None,
                 hold_before_ms: None,
                 secrets: Vec::new(),
+                user: None,
+                limits: Default::default(),
             }),
             follow: true,
         },

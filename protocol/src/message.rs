@@ -168,8 +168,9 @@ pub enum DaemonMessage {
     /// Tag 10. Answer to [`ClientMessage::Attach`]: the build exists; its output follows.
     Attached { req: RequestId, build: BuildSummary },
     /// Tag 11. Output at positions `from..to` of the build is gone and will never be
-    /// sent (a disk quota dropped it, or the daemon could not write it to disk and the
-    /// client was not following live). The next `Output` starts at `to` or later.
+    /// sent (a disk quota dropped it, or the daemon could not write it to its spool, which
+    /// every follower, live or later, learns by this same `Gap`). The next `Output` starts
+    /// at `to` or later.
     Gap {
         build: BuildId,
         from: u64,
@@ -261,8 +262,8 @@ pub struct ShellSpec {
 pub enum GapReason {
     /// The build's or the daemon's output quota dropped it (oldest output goes first).
     Quota,
-    /// Writing it to disk failed (the disk was full), or reading it back did; it went
-    /// only to the clients following live at that moment.
+    /// Writing it to the spool failed (the disk was full), or reading it back did. Live
+    /// followers get this gap instead of the output, as later readers do.
     WriteFailed,
 }
 
@@ -394,6 +395,35 @@ pub struct RunSpec {
     /// in the build's output: every occurrence of a value, literal, shell-quoted or
     /// base64, becomes `****` before it is spooled or sent. Values are at least 4 bytes.
     pub secrets: Vec<SecretVar>,
+    /// Run the build (and shells opened in it) as this user instead of the daemon's. Only
+    /// a daemon running as root can; others refuse with [`ErrorKind::BadRequest`].
+    pub user: Option<RunAs>,
+    /// Resource limits (`setrlimit`, soft and hard) of the build's processes.
+    pub limits: ResourceLimits,
+}
+
+/// The user a build runs as ([`RunSpec::user`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunAs {
+    pub uid: u32,
+    /// `None`: the primary group of `uid` in the daemon's `/etc/passwd`, or `uid` itself
+    /// when it has no entry there.
+    pub gid: Option<u32>,
+}
+
+/// Resource limits of a build ([`RunSpec::limits`]); `None` leaves the daemon's own.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceLimits {
+    /// `RLIMIT_NOFILE`: open file descriptors per process.
+    pub nofile: Option<u64>,
+    /// `RLIMIT_NPROC`: processes (threads) of the build's real user id, system-wide.
+    pub nproc: Option<u64>,
+    /// `RLIMIT_CPU`: CPU seconds per process.
+    pub cpu_s: Option<u64>,
+    /// `RLIMIT_FSIZE`: largest file a process may write, in bytes.
+    pub fsize: Option<u64>,
+    /// `RLIMIT_AS`: address space per process, in bytes.
+    pub address_space: Option<u64>,
 }
 
 /// A secret of a [`RunSpec`]. Its `Debug` shows the name only, so that no log of a
@@ -452,6 +482,8 @@ impl RunSpec {
             hold_on_failure_ms: None,
             hold_before_ms: None,
             secrets: Vec::new(),
+            user: None,
+            limits: ResourceLimits::default(),
         }
     }
 
@@ -588,4 +620,7 @@ pub enum ErrorKind {
     NotReady,
     /// The build was cancelled before its command started.
     Cancelled,
+    /// The daemon is at a limit it was started with (`--max-builds`, `--max-sessions`);
+    /// the message names it. Retrying later may succeed.
+    Busy,
 }

@@ -77,9 +77,10 @@ fn run_spec() -> impl Strategy<Value = RunSpec> {
         proptest::option::of(text()),
         proptest::option::of(text()),
         prepare(),
+        confine(),
     )
         .prop_map(
-            |(command, env, workdir, timeout_ms, grace_ms, stdin, name, id, prepare)| RunSpec {
+            |(command, env, workdir, timeout_ms, grace_ms, stdin, name, id, prepare, confine)| RunSpec {
                 command,
                 env,
                 workdir,
@@ -96,8 +97,27 @@ fn run_spec() -> impl Strategy<Value = RunSpec> {
                 hold_on_failure_ms: prepare.5,
                 hold_before_ms: prepare.6,
                 secrets: Vec::new(),
+                user: confine.0,
+                limits: confine.1,
             },
         )
+}
+
+/// `RunSpec::user` and `RunSpec::limits`.
+fn confine() -> impl Strategy<Value = (Option<RunAs>, ResourceLimits)> {
+    let limit = || proptest::option::of(int());
+    (
+        proptest::option::of((int32(), proptest::option::of(int32())).prop_map(|(uid, gid)| RunAs { uid, gid })),
+        (limit(), limit(), limit(), limit(), limit()).prop_map(|(nofile, nproc, cpu_s, fsize, address_space)| {
+            ResourceLimits {
+                nofile,
+                nproc,
+                cpu_s,
+                fsize,
+                address_space,
+            }
+        }),
+    )
 }
 
 type Prepare = (
@@ -231,6 +251,7 @@ fn error_kind() -> impl Strategy<Value = ErrorKind> {
         Just(ErrorKind::Transfer),
         Just(ErrorKind::NotReady),
         Just(ErrorKind::Cancelled),
+        Just(ErrorKind::Busy),
     ]
 }
 

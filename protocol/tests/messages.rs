@@ -86,12 +86,13 @@ fn all_error_kinds() -> Vec<ErrorKind> {
         Transfer,
         NotReady,
         Cancelled,
+        Busy,
     ];
     // Exhaustive: a new kind must be added to the list above.
     for k in &kinds {
         match k {
             VersionMismatch | Protocol | BadRequest | UnknownBuild | CommandNotFound | NotExecutable | Internal
-            | NoSession | PermissionDenied | Transfer | NotReady | Cancelled => {}
+            | NoSession | PermissionDenied | Transfer | NotReady | Cancelled | Busy => {}
         }
     }
     kinds
@@ -115,6 +116,8 @@ fn run_spec(command: CommandSpec) -> RunSpec {
         hold_on_failure_ms: None,
         hold_before_ms: None,
         secrets: Vec::new(),
+        user: None,
+        limits: Default::default(),
     }
 }
 
@@ -177,6 +180,8 @@ fn client_messages() -> Vec<ClientMessage> {
                 hold_on_failure_ms: Some(1_800_000),
                 hold_before_ms: Some(u64::MAX),
                 secrets: Vec::new(),
+                user: None,
+                limits: Default::default(),
             }),
             follow: false,
         },
@@ -272,9 +277,37 @@ fn client_messages() -> Vec<ClientMessage> {
                 hold_on_failure_ms: Some(0),
                 hold_before_ms: Some(3_600_000),
                 secrets: Vec::new(),
+                user: None,
+                limits: Default::default(),
                 ..run_spec(CommandSpec::Argv(vec![b(b"make")]))
             }),
             follow: true,
+        },
+        ClientMessage::Run {
+            req: 21,
+            spec: Box::new(RunSpec {
+                user: Some(RunAs { uid: 65_534, gid: None }),
+                limits: ResourceLimits {
+                    nofile: Some(1024),
+                    nproc: Some(0),
+                    cpu_s: None,
+                    fsize: Some(u32::MAX as u64 + 1),
+                    address_space: Some(u64::MAX),
+                },
+                ..run_spec(CommandSpec::Argv(vec![b(b"make")]))
+            }),
+            follow: true,
+        },
+        ClientMessage::Run {
+            req: 22,
+            spec: Box::new(RunSpec {
+                user: Some(RunAs {
+                    uid: u32::MAX,
+                    gid: Some(u32::MAX),
+                }),
+                ..run_spec(CommandSpec::Argv(vec![b(b"make")]))
+            }),
+            follow: false,
         },
         ClientMessage::OpenShell {
             req: 19,
@@ -682,7 +715,7 @@ fn payload<T: Serialize>(msg: &T) -> Vec<u8> {
 fn example_frames_of_protocol_md() {
     // The two frames dumped in PROTOCOL.md, "Example": keep them in sync.
     let hello = ClientMessage::Hello(Hello {
-        protocol: 5,
+        protocol: 6,
         client_version: "0.1.0".into(),
         capabilities: vec![],
     });
@@ -691,13 +724,13 @@ fn example_frames_of_protocol_md() {
     assert_eq!(
         f,
         [
-            0xf4, 0x54, 0x48, 0x52, 0x09, 0x00, 0x00, 0x00, 0xfd, 0x62, 0x89, 0x7a, 0x00, 0x05, 0x05, b'0', b'.', b'1',
+            0xf4, 0x54, 0x48, 0x52, 0x09, 0x00, 0x00, 0x00, 0x94, 0xe5, 0xcd, 0xa1, 0x00, 0x06, 0x05, b'0', b'.', b'1',
             b'.', b'0', 0x00
         ]
     );
     assert_eq!(
         tether_protocol::frame::frame_crc(&f[..8], &f[FRAME_HEADER_LEN..]),
-        0x7a89_62fd
+        0xa1cd_e594
     );
     let run = ClientMessage::Run {
         req: 1,
@@ -707,20 +740,21 @@ fn example_frames_of_protocol_md() {
     let mut f = Vec::new();
     encode_frame(&run, &mut f).unwrap();
     // 12 empty RunSpec fields from env to hold_after_ms, then hold_on_failure_ms and
-    // hold_before_ms (None) and secrets (empty), then follow.
+    // hold_before_ms (None) and secrets (empty), then user (None) and the 5 limits
+    // (None), then follow.
     assert_eq!(
         f,
         [
-            0xf4, 0x54, 0x48, 0x52, 0x1c, 0x00, 0x00, 0x00, 0x58, 0xf3, 0xd8, 0x4d, 0x03, 0x01, 0x00, 0x02, 0x04, b'e',
+            0xf4, 0x54, 0x48, 0x52, 0x22, 0x00, 0x00, 0x00, 0xed, 0x87, 0x3f, 0x2e, 0x03, 0x01, 0x00, 0x02, 0x04, b'e',
             b'c', b'h', b'o', 0x02, b'h', b'i', 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
-            0x00, 0x00, 0x00, 0x01
+            0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x01
         ]
     );
     // CRC32C check value of the standard algorithm, and the CRC of the Run frame.
     assert_eq!(tether_protocol::frame::frame_crc(b"1234", b"56789"), 0xE306_9283);
     assert_eq!(
         tether_protocol::frame::frame_crc(&f[..8], &f[FRAME_HEADER_LEN..]),
-        0x4dd8_f358
+        0x2e3f_87ed
     );
     // The RunSpec of `RunSpec::new` is the one above.
     assert_eq!(
@@ -740,7 +774,7 @@ fn preamble_and_constants() {
     assert_eq!(SYNC_PAD_LEN, 131_084);
     assert_eq!(DEFAULT_STDIN_WINDOW, 262_144);
     assert_eq!(DEFAULT_UPLOAD_WINDOW, 8_388_608);
-    assert_eq!(PROTOCOL_VERSION, 5);
+    assert_eq!(PROTOCOL_VERSION, 6);
 }
 
 #[test]
@@ -855,7 +889,8 @@ fn error_kind_tags() {
     assert_eq!(payload(&ErrorKind::NoSession), [7]);
     assert_eq!(payload(&ErrorKind::PermissionDenied), [8]);
     assert_eq!(payload(&ErrorKind::Cancelled), [11]);
-    assert!(decode::<ErrorKind>(&[12]).is_err());
+    assert_eq!(payload(&ErrorKind::Busy), [12]);
+    assert!(decode::<ErrorKind>(&[13]).is_err());
 }
 
 #[test]
@@ -974,6 +1009,11 @@ fn field_order_of_structs() {
                 name: b(b"S"),
                 value: b(b"vvvv"),
             }],
+            user: Some(RunAs { uid: 1000, gid: None }),
+            limits: ResourceLimits {
+                nproc: Some(64),
+                ..ResourceLimits::default()
+            },
         }),
         follow: false,
     };
@@ -983,11 +1023,14 @@ fn field_order_of_structs() {
     // uploads: [dest "d"]; fetches: [url "u", Some(32 bytes of 9, no length), dest ""]
     want.extend([1, 1, b'd', 1, 1, b'u', 1]);
     want.extend([9; 32]);
-    // wait_for ["g"], wait_timeout_ms None, hold_after_ms Some(3), hold_on_failure_ms
-    // Some(300) (251 then a u16), hold_before_ms None, secrets [("S", "vvvv")], follow
-    // false.
+    // (the fetch's dest ""), wait_for ["g"], wait_timeout_ms None, hold_after_ms Some(3),
+    // hold_on_failure_ms Some(300) (251 then a u16), hold_before_ms None.
     want.extend([0, 1, 1, b'g', 0, 1, 3, 1, 251, 0x2c, 0x01, 0]);
-    want.extend([1, 1, b'S', 4, b'v', b'v', b'v', b'v', 0]);
+    // secrets [("S", "vvvv")].
+    want.extend([1, 1, b'S', 4, b'v', b'v', b'v', b'v']);
+    // user Some(uid 1000 (251 then a u16), gid None); limits: only nproc Some(64); follow
+    // false.
+    want.extend([1, 251, 0xe8, 0x03, 0, 0, 1, 64, 0, 0, 0, 0]);
     assert_eq!(payload(&r), want);
     let u = ClientMessage::UploadEnd {
         req: 1,
@@ -1257,20 +1300,25 @@ fn breakpoint_bytes() {
         }),
         [9, 2, 1, 1, b'p', 1, b'm', 0, 5, 0, 4, 77]
     );
-    // The two new RunSpec fields come last, after hold_after_ms: hold_on_failure_ms
-    // None, hold_before_ms Some(600_000) = 0x927c0 (252 then a u32).
+    // The two RunSpec fields of version 4 come after hold_after_ms: hold_on_failure_ms
+    // None, hold_before_ms Some(600_000) = 0x927c0 (252 then a u32); then secrets, user
+    // and limits.
     let run = ClientMessage::Run {
         req: 1,
         spec: Box::new(RunSpec {
             hold_before_ms: Some(600_000),
             secrets: Vec::new(),
+            user: None,
+            limits: Default::default(),
             ..run_spec(CommandSpec::Argv(vec![b(b"x")]))
         }),
         follow: true,
     };
     let mut want = vec![3, 1, 0, 1, 1, b'x'];
     want.extend([0; 12]); // env to hold_after_ms
-    want.extend([0, 1, 252, 0xc0, 0x27, 0x09, 0x00, 0, 1]); // .., secrets [], follow
+    want.extend([0, 1, 252, 0xc0, 0x27, 0x09, 0x00, 0]); // .., secrets []
+    want.extend([0; 6]); // user None, the 5 limits None
+    want.push(1); // follow
     assert_eq!(payload(&run), want);
     let run = ClientMessage::Run {
         req: 1,
@@ -1284,7 +1332,9 @@ fn breakpoint_bytes() {
     // 1_800_000 = 0x1b7740.
     let mut want = vec![3, 1, 0, 1, 1, b'x'];
     want.extend([0; 11]); // env to wait_timeout_ms
-    want.extend([1, 1, 1, 252, 0x40, 0x77, 0x1b, 0x00, 0, 0, 0]); // .., secrets [], follow
+    want.extend([1, 1, 1, 252, 0x40, 0x77, 0x1b, 0x00, 0, 0]); // .., secrets []
+    want.extend([0; 6]); // user None, the 5 limits None
+    want.push(0); // follow
     assert_eq!(payload(&run), want);
     // Release of a build held before its command: status None.
     assert_eq!(
@@ -1295,6 +1345,62 @@ fn breakpoint_bytes() {
         }),
         [13, 5, 1, b'b', 0]
     );
+}
+
+#[test]
+fn run_as_and_resource_limits_bytes() {
+    // RunAs: uid (u32 varint), then gid (Option<u32>).
+    assert_eq!(payload(&RunAs { uid: 0, gid: Some(0) }), [0, 1, 0]);
+    assert_eq!(payload(&RunAs { uid: 1000, gid: None }), [251, 0xe8, 0x03, 0]);
+    assert_eq!(
+        payload(&RunAs {
+            uid: u32::MAX,
+            gid: Some(65_534)
+        }),
+        [252, 0xff, 0xff, 0xff, 0xff, 1, 251, 0xfe, 0xff]
+    );
+    assert!(decode::<RunAs>(&[253, 0, 0, 0, 0, 1, 0, 0, 0, 0]).is_err());
+    // ResourceLimits: five Option<u64>, nofile, nproc, cpu_s, fsize, address_space.
+    assert_eq!(payload(&ResourceLimits::default()), [0; 5]);
+    assert_eq!(
+        payload(&ResourceLimits {
+            address_space: Some(1),
+            ..ResourceLimits::default()
+        }),
+        [0, 0, 0, 0, 1, 1]
+    );
+    // RunSpec::new runs as the daemon's user with the daemon's limits.
+    let spec = RunSpec::new(CommandSpec::argv(["x"]));
+    assert_eq!((spec.user, spec.limits), (None, ResourceLimits::default()));
+
+    // A Run as root (uid 0, gid 0) with all five limits set. user and limits come last
+    // in the RunSpec, after secrets.
+    let run = ClientMessage::Run {
+        req: 2,
+        spec: Box::new(RunSpec {
+            user: Some(RunAs { uid: 0, gid: Some(0) }),
+            limits: ResourceLimits {
+                nofile: Some(1024),
+                nproc: Some(64),
+                cpu_s: Some(300),
+                fsize: Some(1 << 30),
+                address_space: Some(u64::MAX),
+            },
+            ..run_spec(CommandSpec::Argv(vec![b(b"x")]))
+        }),
+        follow: true,
+    };
+    let mut want = vec![3, 2, 0, 1, 1, b'x'];
+    want.extend([0; 15]); // env to secrets
+    want.extend([1, 0, 1, 0]); // user Some(uid 0, gid Some(0))
+    want.extend([1, 251, 0x00, 0x04]); // nofile Some(1024)
+    want.extend([1, 64]); // nproc Some(64)
+    want.extend([1, 251, 0x2c, 0x01]); // cpu_s Some(300)
+    want.extend([1, 252, 0x00, 0x00, 0x00, 0x40]); // fsize Some(2^30)
+    want.extend([1, 253, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]); // address_space Some(u64::MAX)
+    want.push(1); // follow
+    assert_eq!(payload(&run), want);
+    assert_eq!(decode_framed::<ClientMessage>(&want).unwrap(), run);
 }
 
 #[test]
@@ -1342,7 +1448,23 @@ fn trailing_bytes_are_an_error() {
 
 #[test]
 fn undecodable_payloads_are_decode_errors() {
-    let bad_client: Vec<Vec<u8>> = vec![
+    // A Run of argv [] with every RunSpec field none or empty up to secrets, then `tail`
+    // (user, limits, follow).
+    let run_tail = |tail: &[u8]| {
+        let mut p = vec![3, 1, 0, 0];
+        p.extend([0; 15]); // env to secrets
+        p.extend_from_slice(tail);
+        p
+    };
+    assert_eq!(
+        decode_framed::<ClientMessage>(&run_tail(&[0, 0, 0, 0, 0, 0, 1])).unwrap(),
+        ClientMessage::Run {
+            req: 1,
+            spec: Box::new(run_spec(CommandSpec::Argv(vec![]))),
+            follow: true,
+        }
+    );
+    let mut bad_client: Vec<Vec<u8>> = vec![
         vec![],                                           // empty
         vec![CLIENT_TAGS],                                // unknown tag
         vec![250],                                        // unknown tag
@@ -1362,13 +1484,24 @@ fn undecodable_payloads_are_decode_errors() {
         vec![17, 5, 252, 0, 0, 1, 0, 80],                 // ShellResize: rows in the u32 form
         vec![18],                                         // ShellHangUp without its shell
     ];
+    // The fields of version 6 (`user`, `limits`) before `follow`.
+    bad_client.extend([
+        run_tail(&[2, 0, 0, 0, 0, 0, 1]),       // Run with user Option tag 2
+        run_tail(&[1, 0, 2, 0, 0, 0, 0, 0, 1]), // Run with user.gid Option tag 2
+        // user.uid in the u64 form
+        run_tail(&[1, 253, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]),
+        run_tail(&[0, 0, 0, 2, 0, 0, 1]), // Run with limits.cpu_s Option tag 2
+        run_tail(&[0, 0, 0, 0, 0, 0]),    // Run without follow
+        run_tail(&[1]),                   // a version 5 Run: follow after secrets
+        run_tail(&[0]),                   // a version 5 Run with follow false
+    ]);
     for p in bad_client {
         let r = decode_framed::<ClientMessage>(&p);
         assert!(matches!(r, Err(DecodeError::Decode(_))), "{p:?}: {r:?}");
     }
     let bad_daemon: Vec<Vec<u8>> = vec![
         vec![DAEMON_TAGS],
-        vec![1, 0, 0, 12, 0],               // Error with ErrorKind 12
+        vec![1, 0, 0, 13, 0],               // Error with ErrorKind 13
         vec![5, 1, b'b', 2, 0, 0],          // Output with OutputStream 2
         vec![6, 1, b'b', 2, 0, 0, 0, 0, 0], // Exited with ExitStatus 2
         vec![6, 1, b'b', 0, 0, 4, 0, 0, 0], // Exited with EndCause 4
@@ -1450,10 +1583,10 @@ fn every_payload_that_fits_decodes() {
         }),
         follow: true,
     };
-    // 34 bytes of other fields (tag 1, req 9, command 2, env length 3, options and flag 4,
-    // name 5, id 1, the preparation and hold fields 7, secrets 1, follow 1) and two bytes
-    // per variable.
-    let run = run_with_env((MAX_PAYLOAD - 34) / 2);
+    // 40 bytes of other fields (tag 1, req 9, command 2, env length 3, options and flag 4,
+    // name 5, id 1, the preparation and hold fields 7, secrets 1, user 1, limits 5,
+    // follow 1) and two bytes per variable.
+    let run = run_with_env((MAX_PAYLOAD - 40) / 2);
     let p = payload(&run);
     assert_eq!(p.len(), MAX_PAYLOAD);
     assert_eq!(decode_framed::<ClientMessage>(&p).unwrap(), run);
@@ -1475,13 +1608,13 @@ fn every_payload_that_fits_decodes() {
     assert!(p.len() <= MAX_PAYLOAD);
     assert_eq!(decode_framed::<DaemonMessage>(&p).unwrap(), w);
 
-    // 25 bytes of other fields: tag, req, command tag, script length (252 + u32), shell,
+    // 31 bytes of other fields: tag, req, command tag, script length (252 + u32), shell,
     // env, three options, flag, name, id, the seven preparation and hold fields, secrets,
-    // follow.
+    // user, the five limits, follow.
     let script = ClientMessage::Run {
         req: 1,
         spec: Box::new(run_spec(CommandSpec::Script {
-            script: Bytes::from(vec![b'#'; MAX_PAYLOAD - 25]),
+            script: Bytes::from(vec![b'#'; MAX_PAYLOAD - 31]),
             shell: None,
         })),
         follow: false,

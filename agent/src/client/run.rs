@@ -71,6 +71,18 @@ fn spec(args: &RunArgs, uploads: &[Upload], downloads: &[Download]) -> anyhow::R
         hold_on_failure_ms: args.hold_on_failure.map(|d| d.as_millis() as u64),
         hold_before_ms: args.hold_before.map(|d| d.as_millis() as u64),
         secrets: secrets(args)?,
+        user: args.user.map(|(uid, gid)| wire::RunAs { uid, gid }),
+        // Later --limit flags override earlier ones, key by key.
+        limits: args
+            .limits
+            .iter()
+            .fold(wire::ResourceLimits::default(), |acc, l| wire::ResourceLimits {
+                nofile: l.nofile.or(acc.nofile),
+                nproc: l.nproc.or(acc.nproc),
+                cpu_s: l.cpu_s.or(acc.cpu_s),
+                fsize: l.fsize.or(acc.fsize),
+                address_space: l.address_space.or(acc.address_space),
+            }),
     })
 }
 

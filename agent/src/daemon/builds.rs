@@ -28,7 +28,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tether_executor::interactive::Attachments;
 use tether_executor::{Build, BuildControl, BuildEvent, Executor, Prepared, StartError};
 use tether_protocol::{self as wire, BuildId, DaemonMessage, ErrorKind, ErrorReport, RequestId};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -59,6 +59,10 @@ pub struct ShellPlace {
     pub workdir: Option<std::path::PathBuf>,
     pub env: Arc<[(std::ffi::OsString, std::ffi::OsString)]>,
     pub attachments: Attachments,
+    /// The build's user and limits: its shells run with them too.
+    pub confine: tether_executor::confine::Confinement,
+    /// The build's secrets: masked in its shells' output as in its own.
+    pub secrets: tether_executor::mask::Secrets,
 }
 
 /// Where a build's stdin pieces go.
@@ -135,9 +139,15 @@ pub struct Builds {
     stdin_window: u64,
     upload_window: u64,
     retain: Duration,
+    /// One permit per build not finished (`--max-builds`); `None`: no limit. A build's
+    /// permit goes with it from task to task and is freed when it finishes.
+    slots: Option<(Arc<Semaphore>, usize)>,
     /// Cancelled at shutdown: every shell is hung up.
     stopping: CancellationToken,
 }
+
+/// A build's place under `--max-builds`, freed when dropped.
+type Slot = Option<OwnedSemaphorePermit>;
 
 fn error(req: Option<RequestId>, build: Option<BuildId>, kind: ErrorKind, message: impl Into<String>) -> ErrorReport {
     ErrorReport {
@@ -190,6 +200,7 @@ impl Builds {
         stdin_window: u64,
         upload_window: u64,
         retain: Duration,
+        max_builds: Option<usize>,
     ) -> Arc<Builds> {
         Arc::new(Builds {
             executor,
@@ -201,6 +212,7 @@ impl Builds {
             stdin_window,
             upload_window,
             retain,
+            slots: max_builds.map(|n| (Arc::new(Semaphore::new(n)), n)),
             stopping: CancellationToken::new(),
         })
     }
@@ -295,16 +307,42 @@ impl Builds {
         }
         let mut build_spec =
             convert::build_spec(spec).map_err(|e| error(Some(req), None, ErrorKind::BadRequest, e.to_string()))?;
+        build_spec
+            .confine
+            .check()
+            .map_err(|e| error(Some(req), None, ErrorKind::BadRequest, e.to_string()))?;
+        let slot = self.take_slot(req)?;
         if build_spec.id.is_none() {
             build_spec.id = Some(self.fresh_id(spec.name.as_deref()));
         }
         // The daemon's own readiness gates hold every build until they opened once.
         if spec.prepares() || !self.prep.daemon_gates.borrow().open {
-            return self.prepare(req, spec, build_spec, follow, out).await;
+            return self.prepare(req, spec, build_spec, follow, out, slot).await;
         }
         let build = self.executor.start(build_spec).map_err(|e| start_error(req, e))?;
-        self.register(req, spec, build, follow, out).await;
+        self.register(req, spec, build, follow, out, slot).await;
         Ok(None)
+    }
+
+    /// A place for one more build under `--max-builds`, or a `Busy` error.
+    fn take_slot(&self, req: RequestId) -> Result<Slot, ErrorReport> {
+        let Some((slots, max)) = &self.slots else {
+            return Ok(None);
+        };
+        match Arc::clone(slots).try_acquire_owned() {
+            Ok(permit) => Ok(Some(permit)),
+            Err(_) => {
+                tracing::warn!(max_builds = max, "run refused: at --max-builds");
+                Err(error(
+                    Some(req),
+                    None,
+                    ErrorKind::Busy,
+                    format!(
+                        "this tether daemon already has {max} builds (--max-builds); try again when one has finished"
+                    ),
+                ))
+            }
+        }
     }
 
     /// A retried run (same id) of a build still preparing for an earlier session: that
@@ -337,6 +375,7 @@ impl Builds {
         build_spec: tether_executor::BuildSpec,
         follow: bool,
         out: Outbox,
+        slot: Slot,
     ) -> Result<Option<UploadRoute>, ErrorReport> {
         let mut plan = Plan::of(spec, req)?;
         let build_spec_workdir = build_spec.workdir.clone();
@@ -358,6 +397,8 @@ impl Builds {
             workdir: build_spec_workdir,
             env: prepared.env().into(),
             attachments: prepared.attachments(),
+            confine: prepared.confine(),
+            secrets: prepared.secrets(),
         };
         self.lock_preparing().insert(
             id.clone(),
@@ -387,6 +428,8 @@ impl Builds {
                 r = async {
                     prepare::run(&builds.prep, &prepared, plan, req, &out).await?;
                     if let Some(hold) = hold_before {
+                        // Shells opened during the hold run as the build's user.
+                        prepared.give_to_user().map_err(|e| start_error(req, e))?;
                         builds.hold_before(&id, hold, &release, &out).await;
                     }
                     Ok(())
@@ -399,7 +442,7 @@ impl Builds {
                 )),
             };
             builds
-                .prepared(req, id.clone(), &spec, prepared, result, follow, out)
+                .prepared(req, id.clone(), &spec, prepared, result, follow, out, slot)
                 .await;
             if stop.is_cancelled() {
                 // A cancel that came after the preparation succeeded, before the build
@@ -445,6 +488,7 @@ impl Builds {
         result: Result<(), ErrorReport>,
         follow: bool,
         out: Outbox,
+        slot: Slot,
     ) {
         let result = match result {
             Ok(()) if !self.accepting.load(Ordering::SeqCst) => Err(error(
@@ -467,7 +511,7 @@ impl Builds {
         };
         match started {
             Ok(build) => {
-                self.register(req, spec, build, follow, out).await;
+                self.register(req, spec, build, follow, out, slot).await;
                 self.lock_preparing().remove(&id);
             }
             Err(mut e) => {
@@ -487,6 +531,7 @@ impl Builds {
         mut build: Build,
         follow: bool,
         out: Outbox,
+        slot: Slot,
     ) {
         let id = BuildId(build.id.clone());
         tracing::info!(build = %id, pid = build.pid, shell = ?build.shell, "build started");
@@ -527,6 +572,8 @@ impl Builds {
                     workdir: None,
                     env: Arc::clone(&build.env),
                     attachments: build.attachments.clone(),
+                    confine: build.confine,
+                    secrets: build.secrets.clone(),
                 },
             }),
             finished: None,
@@ -544,7 +591,8 @@ impl Builds {
             // At position 0 of a build whose output has not been published: live.
             let _ = feed.subscribe(out, 0, Mode::Follow);
         }
-        self.tasks.spawn(forward(Arc::clone(self), id, build.events, feed));
+        self.tasks
+            .spawn(forward(Arc::clone(self), id, build.events, feed, slot));
     }
 
     /// A Run naming an existing build: its `Started` and feed, to follow it instead.
@@ -867,15 +915,28 @@ pub fn start_error(req: RequestId, e: StartError) -> ErrorReport {
         StartError::EmptyCommand | StartError::Nul | StartError::BadWorkdir { .. } | StartError::IdInUse(_) => {
             ErrorKind::BadRequest
         }
-        StartError::BuildDir(_) | StartError::Spool(_) | StartError::Io(_) => ErrorKind::Internal,
+        StartError::BuildDir(_) | StartError::GiveDir { .. } | StartError::Spool(_) | StartError::Io(_) => {
+            ErrorKind::Internal
+        }
     };
     error(Some(req), None, kind, e.to_string())
 }
 
-async fn forward(builds: Arc<Builds>, id: BuildId, mut events: mpsc::Receiver<BuildEvent>, feed: Arc<Feed>) {
+/// Moves a build's events into its feed until it finished; then its slot is freed.
+async fn forward(
+    builds: Arc<Builds>,
+    id: BuildId,
+    mut events: mpsc::Receiver<BuildEvent>,
+    feed: Arc<Feed>,
+    _slot: Slot,
+) {
     while let Some(event) = events.recv().await {
         match event {
             BuildEvent::Output(chunk) => feed.publish(chunk),
+            BuildEvent::Gap { from, to } => {
+                tracing::warn!(build = %id, from, to, "output lost: it could not be written to the spool");
+                feed.publish_gap(from, to);
+            }
             BuildEvent::Held(h) => {
                 let status = convert::exit_status(h.status);
                 let cause = convert::end_cause(h.cause);

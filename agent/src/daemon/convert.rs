@@ -5,6 +5,7 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use tether_executor::confine::{Confinement, Limits, RunAs};
 use tether_executor::mask::{MaskError, Secrets};
 use tether_executor::{BuildOutcome, BuildSpec, ChildStatus, CommandSpec, EndCause, Stream};
 use tether_protocol as wire;
@@ -55,7 +56,23 @@ pub fn build_spec(spec: &wire::RunSpec) -> Result<BuildSpec, MaskError> {
         hold_after: spec.hold_after_ms.map(Duration::from_millis),
         hold_on_failure: spec.hold_on_failure_ms.map(Duration::from_millis),
         secrets,
+        confine: confinement(spec),
     })
+}
+
+/// The user and limits of a run (not checked here: see `Confinement::check`).
+fn confinement(spec: &wire::RunSpec) -> Confinement {
+    let l = &spec.limits;
+    Confinement {
+        user: spec.user.map(|u| RunAs::new(u.uid, u.gid)),
+        limits: Limits {
+            nofile: l.nofile,
+            nproc: l.nproc,
+            cpu_s: l.cpu_s,
+            fsize: l.fsize,
+            address_space: l.address_space,
+        },
+    }
 }
 
 /// One line describing the command, for listings.

@@ -150,6 +150,22 @@ impl Feed {
         self.offer(state, message, |f| f.pos = end, true);
     }
 
+    /// Positions `[from, to)` that the spool could not take: live followers get one
+    /// `Gap` (WriteFailed), as a follower reading the spool later would.
+    pub fn publish_gap(self: &Arc<Self>, from: u64, to: u64) {
+        let mut state = self.lock();
+        state.end = to;
+        let message = |_: usize, _: usize, f: &Follower| {
+            (f.pos < to).then(|| DaemonMessage::Gap {
+                build: self.build.clone(),
+                from: f.pos.max(from),
+                to,
+                reason: wire::GapReason::WriteFailed,
+            })
+        };
+        self.offer(state, message, |f| f.pos = to, true);
+    }
+
     /// The build is held: every chunk was published. Live followers get `Held` (on a
     /// catch-up thread when their queue is full) and stay for `Exited`.
     pub fn hold(self: &Arc<Self>, held: DaemonMessage) {

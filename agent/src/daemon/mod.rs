@@ -56,6 +56,10 @@ pub struct ServeOptions {
     pub wait_timeout: Duration,
     /// Caps on one archive (upload, fetched archive) and on a fetched body.
     pub unpack: tether_executor::transfer::UnpackLimits,
+    /// Most builds not finished at once (`None`: no limit); past it a Run gets `Busy`.
+    pub max_builds: Option<usize>,
+    /// Most socket connections served at once; past it a connection gets `Busy`.
+    pub max_sessions: usize,
 }
 
 /// State shared by every session.
@@ -129,6 +133,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             u64::from(wire::DEFAULT_STDIN_WINDOW),
             u64::from(wire::DEFAULT_UPLOAD_WINDOW),
             opts.retain,
+            opts.max_builds,
         ),
         version: env!("CARGO_PKG_VERSION").to_owned(),
         limits: wire::Limits {
@@ -164,6 +169,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
                 path.clone(),
                 Arc::clone(&daemon),
                 access,
+                opts.max_sessions,
                 sockets_stopped,
             )))
         }

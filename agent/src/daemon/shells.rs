@@ -23,8 +23,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tether_executor::build::MASK_DELAY;
 use tether_executor::interactive::{ShellControl, ShellEvent, ShellSpec};
+use tether_executor::mask::{Masker, Secrets};
 use tether_executor::pty::WindowSize;
+use tether_executor::Stream;
 use tether_protocol::{self as wire, DaemonMessage, ErrorKind, ErrorReport, RequestId};
 use tokio::sync::mpsc;
 
@@ -119,6 +122,7 @@ impl Shells {
                 cols: s.cols,
             }),
             grace: SHELL_GRACE,
+            confine: place.as_ref().map(|p| p.confine).unwrap_or_default(),
         };
         let shell = builds
             .executor()
@@ -148,6 +152,7 @@ impl Shells {
             ack,
             out.clone(),
         ));
+        let secrets = place.map(|p| p.secrets).unwrap_or_default();
         builds.spawn_task(forward(
             req,
             shell.events,
@@ -155,6 +160,7 @@ impl Shells {
             out,
             builds.stopping(),
             Arc::clone(&done),
+            secrets,
         ));
         self.routes.insert(
             req,
@@ -259,10 +265,19 @@ async fn forward(
     out: Outbox,
     stopping: tokio_util::sync::CancellationToken,
     done: Arc<AtomicBool>,
+    secrets: Secrets,
 ) {
-    let mut connected = true;
+    let mut sender = Sender {
+        shell,
+        out,
+        connected: true,
+        // A shell in a build sees the build's secrets: its output is masked as the
+        // build's is (one masker per stream, with the same bounded hold-back).
+        maskers: (!secrets.is_empty()).then(|| [Masker::new(secrets.clone()), Masker::new(secrets)]),
+    };
     let mut hung_up = false;
     loop {
+        let holding = sender.holding();
         let event = tokio::select! {
             ev = events.recv() => ev,
             _ = stopping.cancelled(), if !hung_up => {
@@ -270,26 +285,19 @@ async fn forward(
                 control.hang_up();
                 continue;
             }
+            () = tokio::time::sleep(MASK_DELAY), if holding => {
+                sender.flush().await;
+                continue;
+            }
         };
         match event {
-            Some(ShellEvent::Output { stream, data }) => {
-                if connected {
-                    let msg = DaemonMessage::ShellOutput {
-                        shell,
-                        stream: convert::stream(stream),
-                        data: wire::Bytes::from(data),
-                    };
-                    if !out.data(msg).await {
-                        // The session is gone (its drop hangs the shell up): drain.
-                        connected = false;
-                    }
-                }
-            }
+            Some(ShellEvent::Output { stream, data }) => sender.output(stream, data).await,
             Some(ShellEvent::Exited(status)) => {
+                sender.flush().await;
                 let status = convert::exit_status(Some(status));
                 tracing::info!(shell, ?status, "shell exited");
-                if connected {
-                    out.data(DaemonMessage::ShellExited { shell, status }).await;
+                if sender.connected {
+                    sender.out.data(DaemonMessage::ShellExited { shell, status }).await;
                 }
                 break;
             }
@@ -297,4 +305,68 @@ async fn forward(
         }
     }
     done.store(true, Ordering::SeqCst);
+}
+
+/// Sends a shell's output to its session, masked when the shell is in a build with
+/// secrets.
+struct Sender {
+    shell: RequestId,
+    out: Outbox,
+    /// False once the session is gone (its drop hangs the shell up): output is drained.
+    connected: bool,
+    /// Stdout's and stderr's.
+    maskers: Option<[Masker; 2]>,
+}
+
+impl Sender {
+    fn holding(&self) -> bool {
+        self.maskers.as_ref().is_some_and(|m| m.iter().any(|m| m.pending() > 0))
+    }
+
+    async fn output(&mut self, stream: Stream, data: Vec<u8>) {
+        let data = match &mut self.maskers {
+            Some(maskers) => {
+                let mut masked = Vec::with_capacity(data.len());
+                maskers[stream_index(stream)].push(&data, &mut masked);
+                masked
+            }
+            None => data,
+        };
+        self.send(stream, data).await;
+    }
+
+    /// Lets out what the maskers hold back.
+    async fn flush(&mut self) {
+        let Some(maskers) = &mut self.maskers else { return };
+        let mut flushed = Vec::new();
+        for (stream, masker) in [Stream::Stdout, Stream::Stderr].into_iter().zip(maskers.iter_mut()) {
+            let mut data = Vec::new();
+            masker.flush(&mut data);
+            flushed.push((stream, data));
+        }
+        for (stream, data) in flushed {
+            self.send(stream, data).await;
+        }
+    }
+
+    async fn send(&mut self, stream: Stream, data: Vec<u8>) {
+        if !self.connected || data.is_empty() {
+            return;
+        }
+        let msg = DaemonMessage::ShellOutput {
+            shell: self.shell,
+            stream: convert::stream(stream),
+            data: wire::Bytes::from(data),
+        };
+        if !self.out.data(msg).await {
+            self.connected = false;
+        }
+    }
+}
+
+fn stream_index(stream: Stream) -> usize {
+    match stream {
+        Stream::Stdout => 0,
+        Stream::Stderr => 1,
+    }
 }

@@ -10,6 +10,11 @@
 //! others (the Jenkins agent runs as uid 1000). A refused peer gets a preamble and an
 //! `Error { kind: PermissionDenied }` naming its uid, and the attempt is logged.
 //!
+//! At most `--max-sessions` connections are served at once: one more gets a preamble and
+//! an `Error { kind: Busy }` naming the limit and is closed, so a client that opens
+//! connections in a loop cannot exhaust the daemon's descriptors or memory, and the
+//! connections already served go on unaffected.
+//!
 //! A socket file left by a daemon that died is replaced; one a live daemon answers on is
 //! never taken over.
 
@@ -23,7 +28,7 @@ use anyhow::{bail, Context};
 use tether_protocol::{DaemonMessage, ErrorKind, ErrorReport, PREAMBLE};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_util::task::TaskTracker;
 
 use super::connection::{Connection, Transport};
@@ -72,9 +77,11 @@ pub async fn serve(
     path: PathBuf,
     daemon: Arc<Daemon>,
     access: Access,
+    max_sessions: usize,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let tasks = TaskTracker::new();
+    let slots = Arc::new(Semaphore::new(max_sessions));
     loop {
         let stream = tokio::select! {
             r = listener.accept() => match r {
@@ -86,7 +93,21 @@ pub async fn serve(
             },
             _ = shutdown.wait_for(|stop| *stop) => break,
         };
-        tasks.spawn(serve_one(stream, Arc::clone(&daemon), access.clone(), shutdown.clone()));
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            tracing::warn!(max_sessions, "socket connection refused: at --max-sessions");
+            let message = format!(
+                "this tether daemon already serves {max_sessions} socket connections (--max-sessions); try again later"
+            );
+            tasks.spawn(refuse(stream, ErrorKind::Busy, message));
+            continue;
+        };
+        tasks.spawn(serve_one(
+            stream,
+            Arc::clone(&daemon),
+            access.clone(),
+            shutdown.clone(),
+            slot,
+        ));
     }
     drop(listener);
     if let Err(e) = std::fs::remove_file(&path) {
@@ -96,7 +117,14 @@ pub async fn serve(
     tasks.wait().await;
 }
 
-async fn serve_one(stream: UnixStream, daemon: Arc<Daemon>, access: Access, mut shutdown: watch::Receiver<bool>) {
+/// Serves one connection; `_slot` is its place under `--max-sessions`, freed on return.
+async fn serve_one(
+    stream: UnixStream,
+    daemon: Arc<Daemon>,
+    access: Access,
+    mut shutdown: watch::Receiver<bool>,
+    _slot: OwnedSemaphorePermit,
+) {
     let (uid, gid, pid) = match stream.peer_cred() {
         Ok(c) => (c.uid(), c.gid(), c.pid()),
         Err(e) => {
@@ -111,7 +139,9 @@ async fn serve_one(stream: UnixStream, daemon: Arc<Daemon>, access: Access, mut 
             ?pid,
             "socket connection refused: uid not allowed (see --allow-uid/--allow-gid)"
         );
-        refuse(stream, uid).await;
+        let message =
+            format!("uid {uid} may not use this tether daemon (it admits its own uid and --allow-uid/--allow-gid)");
+        refuse(stream, ErrorKind::PermissionDenied, message).await;
         return;
     }
     tracing::debug!(uid, gid, ?pid, "socket connection");
@@ -126,18 +156,18 @@ async fn serve_one(stream: UnixStream, daemon: Arc<Daemon>, access: Access, mut 
     conn.finish(Duration::from_secs(2)).await;
 }
 
-async fn refuse(mut stream: UnixStream, uid: u32) {
+/// Sends a preamble and one error, then closes; a peer that does not read gets a
+/// second at most, never a task that waits on it forever.
+async fn refuse(mut stream: UnixStream, kind: ErrorKind, message: String) {
     let mut buf = PREAMBLE.to_vec();
     let report = ErrorReport {
         req: None,
         build: None,
-        kind: ErrorKind::PermissionDenied,
-        message: format!(
-            "uid {uid} may not use this tether daemon (it admits its own uid and --allow-uid/--allow-gid)"
-        ),
+        kind,
+        message,
     };
     if push_frame(&mut buf, &DaemonMessage::Error(report)).is_ok() {
-        let _ = stream.write_all(&buf).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&buf)).await;
     }
     let _ = stream.shutdown().await;
 }

@@ -4,7 +4,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Mutex;
 
+use crate::chart::Chart;
 use crate::report::Row;
 
 /// What every scenario gets.
@@ -18,6 +20,8 @@ pub struct Ctx {
     /// TMPDIR for tether processes: their state dirs live here, apart from those of
     /// other daemons on the machine.
     pub tmpdir: PathBuf,
+    /// Charts handed in by the scenarios, drawn by `--plot`.
+    pub charts: Mutex<Vec<Chart>>,
 }
 
 impl Ctx {
@@ -33,6 +37,11 @@ impl Ctx {
             cmd.env(k, v);
         }
         cmd
+    }
+
+    /// Keeps a chart's data for `--plot` (and the JSON document).
+    pub fn chart(&self, chart: Chart) {
+        self.charts.lock().unwrap_or_else(|e| e.into_inner()).push(chart);
     }
 
     /// Progress on stderr (the table goes to stdout).

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use tether_protocol::{EndCause, ExitStatus};
 
+use crate::chart::Chart;
 use crate::report::{num, percentile, Goal, Row, Stats};
 use crate::scenario::{Ctx, Scenario};
 use crate::session::{argv_spec, Session};
@@ -34,6 +35,8 @@ impl Scenario for Sequential {
         // daemon's own account (spawn to end of cleanup).
         let (mut to_started, mut daemon_ms) = (vec![], vec![]);
         let mut notes = Vec::new();
+        // Every single latency, for the distribution chart.
+        let (mut all_b, mut all_t) = (vec![], vec![]);
         for rep in 1..=ctx.reps {
             let mut lat = Vec::with_capacity(n);
             for _ in 0..n {
@@ -46,6 +49,7 @@ impl Scenario for Sequential {
             }
             let (bp50, bp99) = (percentile(&lat, 50.0), percentile(&lat, 99.0));
             b_max = lat.iter().copied().fold(b_max, f64::max);
+            all_b.extend_from_slice(&lat);
 
             let args = ["serve", "--exit-on-eof", "--log-level", "warn"];
             let mut s = Session::connect(&ctx.tether, &args, &ctx.tether_env(), Duration::from_secs(30))
@@ -88,6 +92,7 @@ impl Scenario for Sequential {
             }
             let (tp50, tp99) = (percentile(&lat, 50.0), percentile(&lat, 99.0));
             t_max = lat.iter().copied().fold(t_max, f64::max);
+            all_t.extend_from_slice(&lat);
             ctx.progress(
                 self.id(),
                 &format!(
@@ -118,6 +123,15 @@ impl Scenario for Sequential {
             notes.push(format!("{early} builds' Exited arrived before their Started"));
         }
         let scenario = format!("{n} sequential `true` builds, one session");
+        ctx.chart(Chart::Distribution {
+            id: "sequential-latency".into(),
+            title: format!("{scenario}: latency per build"),
+            unit: "ms".into(),
+            series: vec![
+                ("tether: Run to Exited".into(), all_t),
+                ("spawn and wait for `true`".into(), all_b),
+            ],
+        });
         let stats = |v: Vec<f64>| Stats::of(v).context("no repetitions");
         let base = "spawn+wait".to_owned();
         Ok(vec![

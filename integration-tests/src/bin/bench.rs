@@ -13,6 +13,8 @@
 //! (or of `$CARGO_TARGET_DIR`), built with `cargo build --release -p tether` if missing.
 //! Timing never fails the run: the exit status is 1 only when a scenario crashed.
 
+#[path = "../bench/chart.rs"]
+mod chart;
 #[path = "../bench/container_figures.rs"]
 mod container_figures;
 #[path = "../bench/idle_memory.rs"]
@@ -237,6 +239,7 @@ fn real_main() -> anyhow::Result<i32> {
         quick: args.quick,
         reps: args.reps.unwrap_or(if args.quick { 2 } else { 5 }),
         tmpdir: tmp.path().to_path_buf(),
+        charts: std::sync::Mutex::new(Vec::new()),
     };
     let machine = machine();
     let mode = if ctx.quick { "quick" } else { "full" };
@@ -292,6 +295,7 @@ fn real_main() -> anyhow::Result<i32> {
             "rows": rows.iter().map(Row::to_json).collect::<Vec<_>>(),
             "errors": errors.iter().map(|(id, e)| json!({"scenario": id, "error": e})).collect::<Vec<_>>(),
             "leftover_state": leftovers,
+            "charts": ctx.charts.lock().map(|c| c.iter().map(chart::Chart::to_json).collect::<Vec<_>>()).unwrap_or_default(),
             "seconds": started.elapsed().as_secs_f64(),
         });
         let text = serde_json::to_string_pretty(&doc).context("cannot serialise the results")?;
