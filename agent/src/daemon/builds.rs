@@ -144,6 +144,8 @@ pub struct Builds {
     slots: Option<(Arc<Semaphore>, usize)>,
     /// Cancelled at shutdown: every shell is hung up.
     stopping: CancellationToken,
+    /// Notified whenever a build finished (see `super::give_back_memory`).
+    pub ended: tokio::sync::Notify,
 }
 
 /// A build's place under `--max-builds`, freed when dropped.
@@ -214,6 +216,7 @@ impl Builds {
             retain,
             slots: max_builds.map(|n| (Arc::new(Semaphore::new(n)), n)),
             stopping: CancellationToken::new(),
+            ended: tokio::sync::Notify::new(),
         })
     }
 
@@ -852,6 +855,11 @@ impl Builds {
         list
     }
 
+    /// Whether any build is preparing, running or held.
+    pub fn busy(&self) -> bool {
+        !self.lock_preparing().is_empty() || self.lock().values().any(|e| e.running.is_some())
+    }
+
     /// Drops the records of builds whose retention period passed; returns how many.
     pub fn expire(&self, now: Instant) -> usize {
         let mut entries = self.lock();
@@ -904,6 +912,8 @@ impl Builds {
                 expires_at_ms: finished_at_ms.saturating_add(self.retain.as_millis() as u64),
             });
         }
+        drop(entries);
+        self.ended.notify_one();
     }
 }
 

@@ -147,6 +147,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         heartbeat_timeout: opts.heartbeat_timeout,
     });
     let expiry = tokio::spawn(expire_records(Arc::clone(&daemon.builds), opts.retain));
+    let trimmer = tokio::spawn(give_back_memory(Arc::clone(&daemon.builds)));
 
     let (tx, rx) = mpsc::channel::<crate::wire::Inbound<ClientMessage>>(INBOUND_QUEUE);
     std::thread::Builder::new()
@@ -201,6 +202,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     };
     tracing::info!(reason, "shutting down: cancelling builds");
     expiry.abort();
+    trimmer.abort();
     daemon.builds.shutdown().await;
     let _ = stop_sockets.send(true);
     if let Some(task) = socket_task {
@@ -226,6 +228,35 @@ async fn expire_records(builds: Arc<Builds>, retain: Duration) {
     loop {
         tick.tick().await;
         builds.expire(std::time::Instant::now());
+    }
+}
+
+/// How long the daemon must have had no build before it gives freed memory back.
+const IDLE_TRIM_DELAY: Duration = Duration::from_secs(1);
+
+/// Gives the memory that builds' buffers used back to the system once the daemon has
+/// had no build for [`IDLE_TRIM_DELAY`]. A streaming build's queues hold megabytes;
+/// freed, glibc keeps them (the trim threshold is raised for throughput, see
+/// `main::tune_malloc`, and a heap fragmented by many concurrent builds cannot shrink
+/// from the top), so a daemon that served 64 builds at once would otherwise idle at
+/// their peak. `malloc_trim` returns every free page, also in the middle of the heap.
+/// Waiting a moment keeps it off the path of builds that follow each other closely.
+async fn give_back_memory(builds: Arc<Builds>) {
+    loop {
+        builds.ended.notified().await;
+        tokio::time::sleep(IDLE_TRIM_DELAY).await;
+        if builds.busy() {
+            continue;
+        }
+        let _ = tokio::task::spawn_blocking(|| {
+            #[cfg(target_env = "gnu")]
+            // SAFETY: malloc_trim only returns free memory to the system.
+            unsafe {
+                libc::malloc_trim(0);
+            }
+        })
+        .await;
+        tracing::debug!("no build left: freed memory given back");
     }
 }
 

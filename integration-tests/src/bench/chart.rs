@@ -18,6 +18,18 @@ pub enum Chart {
         /// (mechanism, samples); tether's series first, then its baselines.
         series: Vec<(String, Vec<f64>)>,
     },
+    /// A quantity against another (throughput against concurrency, say), one line per
+    /// series.
+    Lines {
+        id: String,
+        title: String,
+        x_label: String,
+        y_label: String,
+        /// Plot x on a log axis (concurrency 1, 4, 16, 64).
+        log_x: bool,
+        /// (series name, (x, y) points in order of x); tether's first.
+        series: Vec<(String, Vec<(f64, f64)>)>,
+    },
 }
 
 impl Chart {
@@ -32,6 +44,17 @@ impl Chart {
             } => json!({
                 "id": id, "kind": "distribution", "title": title, "unit": unit,
                 "series": series.iter().map(|(name, v)| json!({"name": name, "samples": v})).collect::<Vec<_>>(),
+            }),
+            Chart::Lines {
+                id,
+                title,
+                x_label,
+                y_label,
+                log_x,
+                series,
+            } => json!({
+                "id": id, "kind": "lines", "title": title, "x_label": x_label, "y_label": y_label, "log_x": log_x,
+                "series": series.iter().map(|(name, p)| json!({"name": name, "points": p})).collect::<Vec<_>>(),
             }),
         }
     }

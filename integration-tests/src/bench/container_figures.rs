@@ -44,7 +44,7 @@ const WARMUP: usize = 3;
 const TARGET: &str = "x86_64-unknown-linux-gnu";
 
 /// `scripts/build-static`'s output (under `$CARGO_TARGET_DIR` if set).
-fn static_tether() -> PathBuf {
+pub fn static_tether() -> PathBuf {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
     let root = manifest.parent().unwrap_or(manifest);
     let target = match std::env::var_os("CARGO_TARGET_DIR") {
@@ -55,7 +55,7 @@ fn static_tether() -> PathBuf {
 }
 
 /// Runs `f`, turning a panic of the test helpers it uses into an error.
-fn guarded<T>(what: &str, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+pub fn guarded<T>(what: &str, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(r) => r,
         Err(e) => {

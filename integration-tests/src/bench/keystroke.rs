@@ -32,6 +32,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::termios::{tcgetattr, LocalFlags};
 use nix::unistd::Pid;
 
+use crate::chart::Chart;
 use crate::procs::{stop, wait_timeout, Captured};
 use crate::report::{num, percentile, Goal, Row, Stats};
 use crate::scenario::{Ctx, Scenario};
@@ -432,6 +433,13 @@ impl Scenario for Keystroke {
         }
         let scenario = format!("keystroke round trip ({n} bytes each, `tether shell -- cat`)");
         let base = "local pty, `cat`".to_owned();
+        // Every timed round trip of the run (lost bytes left out, as in the rows).
+        ctx.chart(Chart::Distribution {
+            id: "keystroke-latency".into(),
+            title: format!("{scenario}: echo of one typed byte"),
+            unit: "ms".into(),
+            series: vec![("tether shell, remote pty".into(), t), (base.clone(), b)],
+        });
         let one = |x: f64| Stats::of(vec![x]).context("no samples");
         let row = |metric: &str, tv: f64, bv: f64, goal: Goal, notes: Vec<String>| -> anyhow::Result<Row> {
             Ok(Row {

@@ -22,6 +22,7 @@ use tether_protocol::{
     self as wire, decode, encode_frame, BuildId, ClientMessage, DaemonMessage, Decoded, FrameDecoder, RunSpec, PREAMBLE,
 };
 
+use crate::chart::Chart;
 use crate::procs::{stop, wait_timeout, Captured};
 use crate::report::{num, percentile, Goal, Row, Stats};
 use crate::scenario::{Ctx, Scenario};
@@ -289,6 +290,8 @@ impl Scenario for PingUnderFlood {
         let (mut b50, mut b99, mut t50, mut t99) = (vec![], vec![], vec![], vec![]);
         let (mut rates, mut acks) = (vec![], vec![]);
         let (mut b_max, mut t_max) = (0f64, 0f64);
+        // Every single round trip, for the distribution chart.
+        let (mut all_b, mut all_t) = (vec![], vec![]);
         for rep in 1..=ctx.reps {
             let (idle, flooded, ack) = one(ctx, n).with_context(|| format!("repetition {rep}"))?;
             let rate = flooded.flood_bytes as f64 / MIB / flooded.elapsed.as_secs_f64();
@@ -296,6 +299,8 @@ impl Scenario for PingUnderFlood {
             let (tp50, tp99) = (percentile(&flooded.rtts_ms, 50.0), percentile(&flooded.rtts_ms, 99.0));
             b_max = idle.rtts_ms.iter().copied().fold(b_max, f64::max);
             t_max = flooded.rtts_ms.iter().copied().fold(t_max, f64::max);
+            all_b.extend_from_slice(&idle.rtts_ms);
+            all_t.extend_from_slice(&flooded.rtts_ms);
             ctx.progress(
                 self.id(),
                 &format!(
@@ -321,6 +326,12 @@ impl Scenario for PingUnderFlood {
         let ack = stats(acks)?;
         let scenario = format!("{n} pings every 10 ms, a build flooding the session");
         let base = "same session, no flood".to_owned();
+        ctx.chart(Chart::Distribution {
+            id: "ping-under-flood".into(),
+            title: format!("{scenario}: Ping to Pong"),
+            unit: "ms".into(),
+            series: vec![("tether, under the flood".into(), all_t), (base.clone(), all_b)],
+        });
         Ok(vec![
             Row {
                 scenario: scenario.clone(),

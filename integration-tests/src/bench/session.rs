@@ -73,21 +73,24 @@ impl Session {
     /// Starts `tether ARGS` (normally `serve ...`) with piped stdin and stdout, stderr
     /// captured, in its own process group; `env` is added to its environment.
     pub fn spawn(tether: &Path, args: &[&str], env: &[(&str, &Path)]) -> anyhow::Result<Session> {
-        let stderr = Captured::new()?;
         let mut cmd = Command::new(tether);
-        cmd.args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(stderr.stdio()?);
+        cmd.args(args);
         for (k, v) in env {
             cmd.env(k, v);
         }
+        Session::spawn_command(cmd, &format!("{} {}", tether.display(), args.join(" ")))
+    }
+
+    /// Starts `cmd`, a `tether serve` or a command that runs one elsewhere and relays its
+    /// stdio (`ssh HOST tether serve --exit-on-eof`), with piped stdin and stdout, stderr
+    /// captured, in its own process group; `what` names it in errors.
+    pub fn spawn_command(mut cmd: Command, what: &str) -> anyhow::Result<Session> {
+        let stderr = Captured::new()?;
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(stderr.stdio()?);
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start {} {}", tether.display(), args.join(" ")))?;
+        let mut child = cmd.spawn().with_context(|| format!("cannot start {what}"))?;
         let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
-            bail!("tether serve has no stdio pipes");
+            bail!("{what} has no stdio pipes");
         };
         Ok(Session {
             child,

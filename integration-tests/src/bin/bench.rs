@@ -3,18 +3,26 @@
 //!
 //! ```text
 //! cargo run --release -p integration-tests --bin bench -- [--quick] [--json FILE]
-//!     [--only SCENARIO[,SCENARIO...]] [--reps N]
+//!     [--plot DIR] [--only SCENARIO[,SCENARIO...]] [--reps N]
 //!
 //! Scenarios: stream, sequential, idle-memory, ping-under-flood, stalled-memory,
-//! logs-replay, transfer, container, keystroke.
+//! logs-replay, transfer, container, keystroke, concurrency, cold-start, steps.
 //! ```
 //!
 //! The tether binary is `$TETHER_BIN`, else `target/release/tether` of this workspace
 //! (or of `$CARGO_TARGET_DIR`), built with `cargo build --release -p tether` if missing.
-//! Timing never fails the run: the exit status is 1 only when a scenario crashed.
+//! Timing never fails the run: the exit status is 1 only when a scenario crashed (or,
+//! with `--plot DIR`, a chart could not be drawn).
+//!
+//! `--plot DIR` draws every chart the scenarios that ran handed in as `DIR/<id>.svg`
+//! (DIR is created), once all of them ran; see `bench/plot.rs`.
 
 #[path = "../bench/chart.rs"]
 mod chart;
+#[path = "../bench/cold_start.rs"]
+mod cold_start;
+#[path = "../bench/concurrency.rs"]
+mod concurrency;
 #[path = "../bench/container_figures.rs"]
 mod container_figures;
 #[path = "../bench/idle_memory.rs"]
@@ -25,6 +33,8 @@ mod keystroke;
 mod logs_replay;
 #[path = "../bench/ping_flood.rs"]
 mod ping_flood;
+#[path = "../bench/plot.rs"]
+mod plot;
 #[path = "../bench/procs.rs"]
 mod procs;
 #[path = "../bench/report.rs"]
@@ -39,6 +49,8 @@ mod session;
 mod socket_daemon;
 #[path = "../bench/stalled_memory.rs"]
 mod stalled_memory;
+#[path = "../bench/steps.rs"]
+mod steps;
 #[path = "../bench/stream.rs"]
 mod stream;
 #[path = "../bench/transfer.rs"]
@@ -66,14 +78,19 @@ fn scenarios() -> Vec<Box<dyn Scenario>> {
         Box::new(transfer::Transfer),
         Box::new(container_figures::ContainerFigures),
         Box::new(keystroke::Keystroke),
+        Box::new(concurrency::Concurrency),
+        Box::new(cold_start::ColdStart),
+        Box::new(steps::Steps),
     ]
 }
 
-const USAGE: &str = "usage: bench [--quick] [--json FILE] [--only SCENARIO[,SCENARIO...]] [--reps N]";
+const USAGE: &str = "usage: bench [--quick] [--json FILE] [--plot DIR] [--only SCENARIO[,SCENARIO...]] [--reps N]";
 
 struct Args {
     quick: bool,
     json: Option<PathBuf>,
+    /// Where to draw the charts, one SVG file each.
+    plot: Option<PathBuf>,
     only: Option<Vec<String>>,
     reps: Option<usize>,
 }
@@ -82,6 +99,7 @@ fn parse_args() -> anyhow::Result<Args> {
     let mut args = Args {
         quick: false,
         json: None,
+        plot: None,
         only: None,
         reps: None,
     };
@@ -95,6 +113,7 @@ fn parse_args() -> anyhow::Result<Args> {
         match a.as_str() {
             "--quick" => args.quick = true,
             "--json" => args.json = Some(PathBuf::from(value("--json")?)),
+            "--plot" => args.plot = Some(PathBuf::from(value("--plot")?)),
             "--only" => {
                 let v = value("--only")?;
                 let v = v.to_str().context("--only is not UTF-8")?;
@@ -301,5 +320,35 @@ fn real_main() -> anyhow::Result<i32> {
         let text = serde_json::to_string_pretty(&doc).context("cannot serialise the results")?;
         std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))?;
     }
-    Ok(if errors.is_empty() { 0 } else { 1 })
+    let plots_ok = match &args.plot {
+        Some(dir) => draw_charts(&ctx, dir),
+        None => true,
+    };
+    Ok(if errors.is_empty() && plots_ok { 0 } else { 1 })
+}
+
+/// Draws every collected chart as `dir/<id>.svg`, listing the files written; `false` if
+/// any could not be drawn (reported on stderr).
+fn draw_charts(ctx: &Ctx, dir: &Path) -> bool {
+    let charts = ctx.charts.lock().unwrap_or_else(|e| e.into_inner());
+    if charts.is_empty() {
+        println!("\nplots: no chart to draw (none of the scenarios that ran draws one)");
+        return true;
+    }
+    if let Err(e) = std::fs::create_dir_all(dir) {
+        eprintln!("bench: --plot: cannot create {}: {e}", dir.display());
+        return false;
+    }
+    println!("\nplots:");
+    let mut ok = true;
+    for chart in charts.iter() {
+        match plot::write(chart, dir) {
+            Ok(path) => println!("  {}", path.display()),
+            Err(e) => {
+                eprintln!("bench: --plot: chart {:?} FAILED: {e:#}", plot::id(chart));
+                ok = false;
+            }
+        }
+    }
+    ok
 }
