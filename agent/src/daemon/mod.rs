@@ -124,7 +124,12 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     }
     let state = executor.state().instance_dir().to_path_buf();
     tracing::info!(state = %state.display(), pid = std::process::id(), "tether serve started");
-    release_startup_pages();
+    // Off the start-up path: paging out takes milliseconds, and the pages it drops that
+    // the first session needs fault back in; a client waiting for Welcome pays neither.
+    tokio::spawn(async {
+        tokio::time::sleep(PAGEOUT_DELAY).await;
+        let _ = tokio::task::spawn_blocking(release_startup_pages).await;
+    });
 
     let daemon = Arc::new(Daemon {
         builds: Builds::new(
@@ -293,6 +298,9 @@ fn ignore_stray_signals() {
         }
     }
 }
+
+/// How long after start-up the pages it touched are given back.
+const PAGEOUT_DELAY: Duration = Duration::from_millis(100);
 
 /// Gives back the pages of the binary that start-up touched (argument parsing, logging
 /// set-up, the state dir sweep): the daemon idles for hours as a container's PID 1, and
