@@ -27,8 +27,6 @@ mod concurrency;
 mod container_figures;
 #[path = "../bench/idle_memory.rs"]
 mod idle_memory;
-#[path = "../bench/interrupt.rs"]
-mod interrupt;
 #[path = "../bench/keystroke.rs"]
 mod keystroke;
 #[path = "../bench/logs_replay.rs"]
@@ -255,7 +253,6 @@ fn real_main() -> anyhow::Result<i32> {
         .prefix("tether-bench-")
         .tempdir()
         .context("cannot create a temporary directory")?;
-    interrupt::install(tmp.path().to_path_buf()).context("cannot set up the interrupt handler")?;
     let ctx = Ctx {
         tether: tether.clone(),
         quick: args.quick,
