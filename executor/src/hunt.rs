@@ -26,7 +26,7 @@
 
 use std::ffi::{OsStr, OsString};
 use std::io::Read;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 
 use nix::errno::Errno;
@@ -87,11 +87,8 @@ pub fn kill_carriers(cookie: &OsStr, spare: &[i32]) -> usize {
 /// and whose session is not in `spare`.
 fn carriers(entry: &[u8], spare: &[i32]) -> Vec<i32> {
     let me = std::process::id() as i32;
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
     let mut buf = Vec::new();
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+    crate::procs::all_pids()
         .filter(|&pid| pid != me && carries(pid, entry, &mut buf))
         .filter(|&pid| spare.is_empty() || !spare.contains(&session_of(pid)))
         .collect()
@@ -121,18 +118,15 @@ fn session_of(pid: i32) -> i32 {
 
 /// SIGKILLs `pid` if it still carries `entry`, through a pidfd opened before the check.
 fn kill_if_carrier(pid: i32, entry: &[u8]) -> bool {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        if Errno::last() == Errno::ENOSYS {
+    let fd = match crate::procs::pidfd_open(pid) {
+        Ok(fd) => fd,
+        Err(Errno::ENOSYS) => {
             // No pidfds (Linux < 5.3): a plain kill, with the usual pid-reuse window.
             let mut buf = Vec::new();
             return carries(pid, entry, &mut buf) && crate::procs::signal(pid, nix::sys::signal::SIGKILL).is_ok();
         }
-        return false;
-    }
-    // SAFETY: the syscall returned a fresh fd that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        Err(_) => return false,
+    };
     let mut buf = Vec::new();
     if !carries(pid, entry, &mut buf) {
         return false;

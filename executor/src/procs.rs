@@ -58,11 +58,28 @@ fn runs(stat: &Stat) -> bool {
     !matches!(stat.state, b'Z' | b'X') || stat.threads > 1
 }
 
+/// Every pid listed in `/proc` (none when it cannot be read). Readers of a process's
+/// files must expect it to be gone by then.
+pub(crate) fn all_pids() -> impl Iterator<Item = i32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok())
+}
+
+/// A pidfd for `pid` (Linux 5.3+): it names that process even after its pid is reused.
+pub(crate) fn pidfd_open(pid: i32) -> Result<std::os::fd::OwnedFd, Errno> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: the syscall returned a fresh fd that nothing else owns.
+    Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) })
+}
+
 fn scan(sid: i32, keep: impl Fn(&Stat) -> bool) -> Vec<i32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok())
+    all_pids()
         .filter(|&pid| read_stat(pid).is_some_and(|s| s.session == sid && keep(&s)))
         .collect()
 }
@@ -145,14 +162,11 @@ pub fn kill_session_blocking(sid: i32, limit: std::time::Duration) -> bool {
 
 /// Waits for one process to exit through its pidfd; false when pidfds are unavailable.
 fn wait_exit_blocking(pid: i32, limit: std::time::Duration) -> bool {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
+    let fd = match pidfd_open(pid) {
+        Ok(fd) => fd,
         // ESRCH: it is gone already (the caller rescans); ENOSYS: no pidfds.
-        return Errno::last() == Errno::ESRCH;
-    }
-    // SAFETY: the syscall returned a fresh fd that nothing else owns.
-    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+        Err(e) => return e == Errno::ESRCH,
+    };
     let mut pfd = libc::pollfd {
         fd: std::os::fd::AsRawFd::as_raw_fd(&fd),
         events: libc::POLLIN,
