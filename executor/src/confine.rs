@@ -1,7 +1,7 @@
 //! What confines a build's processes beyond its process group: the user they run as and
 //! their resource limits.
 //!
-//! Both are applied in the child between `fork` and `exec` ([`Confinement::apply_in_child`],
+//! Both are applied in the child between `fork` and `exec` (`apply_in_child`,
 //! called by [`crate::spawn`]), in this order: every resource limit (soft and hard, while
 //! the child still has the privileges to raise a hard limit), then the supplementary
 //! groups are cleared, then the gid is set, then the uid (after `setuid` the child could

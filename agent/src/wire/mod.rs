@@ -1,7 +1,7 @@
 //! Moving frames over byte streams: the transport-independent half of every connection.
 //!
 //! Inbound, a reader (a thread for blocking fds such as the daemon's stdin, a task for
-//! async streams) runs a [`FrameDecoder`] and sends [`Inbound`] items over a bounded
+//! async streams) runs a [`tether_protocol::FrameDecoder`] and sends [`Inbound`] items over a bounded
 //! channel, so a slow consumer slows the reader rather than growing memory. Outbound,
 //! frames are encoded into buffers and handed to a [`Sink`].
 
