@@ -43,7 +43,8 @@ pub enum Command {
     /// Relay stdin/stdout to a daemon's Unix socket (for `--via`, e.g.
     /// `--via 'ssh host tether dial-stdio --socket /run/tether.sock'`).
     DialStdio(DialStdioArgs),
-    /// Copy this tether binary into DIR (atomically, mode 0755), e.g. onto a shared volume.
+    /// Copy this tether binary into DIR (atomically, mode 0755; DIR is created if
+    /// missing), e.g. onto a shared volume from an init container.
     Install(InstallArgs),
 }
 
@@ -155,7 +156,7 @@ pub struct ReleaseArgs {
     pub exit_code: Option<i32>,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
     Json,
@@ -183,17 +184,20 @@ pub struct ServeArgs {
     /// Default time between SIGTERM and SIGKILL when a build is cancelled or times out.
     #[arg(long, value_name = "DUR", default_value = "10s", value_parser = parse_duration)]
     pub grace: Duration,
-    /// Also serve on this Unix socket (e.g. on the pod's shared workspace volume).
+    /// Also serve on this Unix socket (e.g. on the pod's shared workspace volume); its
+    /// missing parent directories are created, reachable by the admitted peers only.
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
     /// At start-up, copy this binary into DIR as `tether` (as `tether install DIR`), so
-    /// that other containers sharing DIR's volume can run the client.
+    /// that other containers sharing DIR's volume can run the client; a missing DIR is
+    /// created, reachable by the peers --allow-uid/--allow-gid admit.
     #[arg(long, value_name = "DIR")]
     pub publish_client: Option<PathBuf>,
     /// Admit socket clients with this uid besides the daemon's own (repeatable).
     #[arg(long = "allow-uid", value_name = "UID", requires = "socket")]
     pub allow_uids: Vec<u32>,
-    /// Admit socket clients with this primary gid (repeatable).
+    /// Admit socket clients in this group, as their primary group or a supplementary
+    /// one such as a pod's fsGroup (repeatable; the portable choice in a pod).
     #[arg(long = "allow-gid", value_name = "GID", requires = "socket")]
     pub allow_gids: Vec<u32>,
     /// How long a finished build's output and status are kept for `attach`, `logs`,
@@ -296,10 +300,21 @@ impl ConnectArgs {
 pub struct RunArgs {
     #[command(flatten)]
     pub connect: ConnectArgs,
-    /// Set an environment variable for the build (repeatable).
-    #[arg(long = "env", short = 'e', value_name = "K=V", value_parser = env_parser())]
-    pub env: Vec<(OsString, OsString)>,
-    /// Run in this directory, relative to the build's private work dir.
+    /// Set a variable in the build's environment: `K=V`, or `NAME` alone to pass this
+    /// client's value of NAME (left out when unset), as `docker run -e` does (repeatable).
+    #[arg(long = "env", short = 'e', value_name = "K=V|NAME", value_parser = env_parser())]
+    pub env: Vec<EnvArg>,
+    /// Read variables from FILE, in docker's env-file format: `K=V` or `NAME` lines,
+    /// `#` comments and blank lines skipped, values taken as they are (repeatable).
+    #[arg(long = "env-file", value_name = "FILE")]
+    pub env_file: Vec<PathBuf>,
+    /// Pass every variable of this client's environment whose name starts with PREFIX
+    /// (e.g. `BUILD_`, `GIT_`; repeatable). `--env-file` and `--env` override them.
+    #[arg(long = "env-prefix", value_name = "PREFIX", value_parser = env_prefix_parser())]
+    pub env_prefix: Vec<OsString>,
+    /// Run in this directory: relative, inside the build's private work dir (created if
+    /// missing); or absolute, an existing shared directory such as the Jenkins workspace
+    /// (never created or removed by tether; the build keeps its private TMPDIR).
     #[arg(long, value_name = "DIR")]
     pub workdir: Option<PathBuf>,
     /// Cancel the build after this long (exit status 124); 0 means no timeout.
@@ -464,20 +479,41 @@ pub fn parse_limits(s: &str) -> Result<tether_protocol::ResourceLimits, String> 
     Ok(limits)
 }
 
-/// `K=V` as raw bytes: values need not be UTF-8.
-fn parse_env(s: OsString) -> Result<(OsString, OsString), String> {
+/// One `--env`: a variable to set, or one whose value this client passes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EnvArg {
+    /// `K=V`.
+    Set(OsString, OsString),
+    /// `NAME`: this client's value of NAME, if it has one.
+    Pass(OsString),
+}
+
+/// `K=V` or `NAME`, as raw bytes: values need not be UTF-8.
+fn parse_env(s: OsString) -> Result<EnvArg, String> {
     let bytes = s.as_bytes();
     match bytes.iter().position(|&b| b == b'=') {
-        Some(i) if i > 0 => Ok((
+        Some(0) => Err("expected K=V or NAME, got a value without a name".into()),
+        Some(i) => Ok(EnvArg::Set(
             OsString::from_vec(bytes[..i].to_vec()),
             OsString::from_vec(bytes[i + 1..].to_vec()),
         )),
-        _ => Err(format!("expected K=V, got {s:?}")),
+        None if bytes.is_empty() => Err("expected K=V or NAME, got nothing".into()),
+        None => Ok(EnvArg::Pass(s)),
     }
 }
 
-fn env_parser() -> impl TypedValueParser<Value = (OsString, OsString)> {
+fn env_parser() -> impl TypedValueParser<Value = EnvArg> {
     OsStringValueParser::new().try_map(parse_env)
+}
+
+fn env_prefix_parser() -> impl TypedValueParser<Value = OsString> {
+    OsStringValueParser::new().try_map(|s: OsString| {
+        if s.is_empty() || s.as_bytes().contains(&b'=') {
+            Err(format!("{s:?} is not the start of a variable name"))
+        } else {
+            Ok(s)
+        }
+    })
 }
 
 #[cfg(test)]
@@ -531,15 +567,17 @@ mod tests {
     }
 
     #[test]
-    fn env_pairs() {
-        assert_eq!(parse_env("A=b=c".into()), Ok(("A".into(), "b=c".into())));
+    fn env_pairs_and_names() {
+        assert_eq!(parse_env("A=b=c".into()), Ok(EnvArg::Set("A".into(), "b=c".into())));
+        assert_eq!(parse_env("A=".into()), Ok(EnvArg::Set("A".into(), "".into())));
         let raw = OsString::from_vec(b"V=\xc3\x28".to_vec());
         assert_eq!(
             parse_env(raw),
-            Ok(("V".into(), OsString::from_vec(b"\xc3\x28".to_vec())))
+            Ok(EnvArg::Set("V".into(), OsString::from_vec(b"\xc3\x28".to_vec())))
         );
+        assert_eq!(parse_env("NAME".into()), Ok(EnvArg::Pass("NAME".into())));
         assert!(parse_env("=x".into()).is_err());
-        assert!(parse_env("novalue".into()).is_err());
+        assert!(parse_env("".into()).is_err());
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! The copy is atomic: written to a temporary file in DIR, made 0755, then renamed over
 //! `DIR/tether`. A client starting at the same moment sees the old binary or the new one,
 //! never half of one. The source is `/proc/self/exe`, which stays readable even when the
-//! file the daemon was started from has been replaced since.
+//! file the daemon was started from has been replaced since. A DIR that does not exist
+//! yet is created first, with the group and mode the caller's [`Reach`] gives it.
 
 use std::fs::File;
 use std::os::unix::fs::PermissionsExt;
@@ -13,8 +14,14 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
-/// Copies the running binary to `dir/tether`; returns that path.
-pub fn install(dir: &Path) -> anyhow::Result<PathBuf> {
+use crate::shared_dirs::{self, Reach};
+
+/// Copies the running binary to `dir/tether`, creating `dir` as `reach` says when it is
+/// missing; returns that path.
+pub fn install(dir: &Path, reach: Reach) -> anyhow::Result<PathBuf> {
+    for made in shared_dirs::ensure(dir, reach)? {
+        tracing::info!(dir = %made.display(), mode = format!("{:04o}", reach.mode), group = ?reach.group, "created");
+    }
     let mut src = File::open("/proc/self/exe")
         .or_else(|_| File::open(std::env::current_exe()?))
         .context("cannot read the running tether binary")?;

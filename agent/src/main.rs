@@ -7,11 +7,13 @@ mod daemon;
 mod ids;
 mod install;
 mod logging;
+mod shared_dirs;
 mod wire;
 
 use clap::Parser;
 
-use cli::{Cli, Command, LogFormat};
+use cli::{Cli, Command};
+use logging::Role;
 
 fn main() {
     tune_malloc();
@@ -29,7 +31,7 @@ fn main() {
         Command::Cancel(args) => client_main(args.connect.verbose, client::cancel::cancel(args)),
         Command::Shell(args) => client_main(args.connect.verbose, client::shell::shell(args)),
         Command::Release(args) => client_main(args.connect.verbose, client::release::release(args)),
-        Command::Install(args) => match install::install(&args.dir) {
+        Command::Install(args) => match install::install(&args.dir, shared_dirs::Reach::PUBLIC) {
             Ok(path) => {
                 println!("{}", path.display());
                 0
@@ -66,14 +68,18 @@ fn client_logging(verbose: u8) {
         1 => "info",
         _ => "debug",
     };
-    logging::init(level, LogFormat::Text);
+    logging::init(level, Role::Client);
 }
 
 fn serve(args: cli::ServeArgs) -> i32 {
-    logging::init(args.log.log_level.as_deref().unwrap_or("info"), args.log.log_format);
+    logging::init(
+        args.log.log_level.as_deref().unwrap_or("info"),
+        Role::Daemon(args.log.log_format),
+    );
     if let Some(dir) = &args.publish_client {
         // Keeping the container alive comes first: a failed copy is logged, not fatal.
-        match install::install(dir) {
+        let reach = shared_dirs::Reach::admitted(nix::unistd::geteuid().as_raw(), &args.allow_uids, &args.allow_gids);
+        match install::install(dir, reach) {
             Ok(path) => tracing::info!(path = %path.display(), "published the client"),
             Err(e) => tracing::error!("cannot publish the client: {e:#}"),
         }
@@ -123,11 +129,38 @@ fn usage_error(e: clap::Error) -> i32 {
         let _ = e.print();
         return 0;
     }
-    let text = e.to_string();
-    let first = text.lines().next().unwrap_or("invalid command line");
-    let first = first.strip_prefix("error: ").unwrap_or(first);
-    eprintln!("tether: {first} (see tether --help)");
+    eprintln!("tether: {}", usage_line(&e.to_string()));
     client::exit::TETHER_FAILED
+}
+
+/// clap's error text as one line: what is wrong, what it suggests ("a similar argument
+/// exists"), the missing arguments, and the usage, without the blank lines and the
+/// "For more information" footer.
+fn usage_line(text: &str) -> String {
+    let mut line = String::new();
+    let mut usage = None;
+    for part in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if part.starts_with("For more information") {
+            continue;
+        }
+        if let Some(u) = part.strip_prefix("Usage: ") {
+            usage = Some(u);
+            continue;
+        }
+        let part = part.strip_prefix("error: ").unwrap_or(part);
+        let part = part.strip_prefix("tip: ").unwrap_or(part);
+        if !line.is_empty() {
+            line.push_str(if line.ends_with(':') { " " } else { "; " });
+        }
+        line.push_str(part);
+    }
+    if line.is_empty() {
+        line.push_str("invalid command line");
+    }
+    match usage {
+        Some(u) => format!("{line} (usage: {u})"),
+        None => format!("{line} (see tether --help)"),
+    }
 }
 
 /// Runs a client command with logging at `verbose`; any error is tether's own failure
@@ -147,5 +180,25 @@ fn client_main(verbose: u8, fut: impl std::future::Future<Output = anyhow::Resul
             eprintln!("tether: {e:#}");
             client::exit::TETHER_FAILED
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::usage_line;
+
+    #[test]
+    fn usage_errors_keep_what_helps() {
+        let missing = "error: the following required arguments were not provided:\n  <ID>\n\nUsage: tether attach <ID>\n\nFor more information, try '--help'.\n";
+        assert_eq!(
+            usage_line(missing),
+            "the following required arguments were not provided: <ID> (usage: tether attach <ID>)"
+        );
+        let unknown = "error: unexpected argument '--jsno' found\n\n  tip: a similar argument exists: '--json'\n\nUsage: tether ps --json\n\nFor more information, try '--help'.\n";
+        assert_eq!(
+            usage_line(unknown),
+            "unexpected argument '--jsno' found; a similar argument exists: '--json' (usage: tether ps --json)"
+        );
+        assert_eq!(usage_line(""), "invalid command line (see tether --help)");
     }
 }

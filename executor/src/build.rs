@@ -38,7 +38,7 @@
 use std::ffi::OsString;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -94,7 +94,8 @@ pub struct BuildSpec {
     pub command: CommandSpec,
     /// Set on top of the executor's base environment.
     pub env: Vec<(OsString, OsString)>,
-    /// A relative directory inside the work dir to run in (created if missing).
+    /// Where to run: a relative directory inside the work dir (created if missing), or
+    /// an absolute, shared one ([`crate::workdir`]).
     pub workdir: Option<PathBuf>,
     pub timeout: Option<Duration>,
     /// Between SIGTERM and SIGKILL; `None` for the executor's default.
@@ -425,7 +426,7 @@ struct Spawned {
 }
 
 fn prepare_and_spawn(spec: &BuildSpec, launch: &Launch<'_>) -> Result<Spawned, StartError> {
-    let cwd = resolve_workdir(&launch.dir.work, spec.workdir.as_deref())?;
+    let cwd = crate::workdir::resolve(&launch.dir.work, spec.workdir.as_deref())?;
     if let Some(user) = spec.confine.user {
         crate::owner::give_tree(&launch.dir.root, user).map_err(|e| StartError::GiveDir {
             uid: user.uid,
@@ -554,33 +555,6 @@ pub fn enlarge_pipe(fd: &impl std::os::fd::AsFd) {
     if let Err(e) = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_SIZE)) {
         tracing::debug!(error = %e, "cannot enlarge a pipe");
     }
-}
-
-/// Resolves the build's cwd: `work` itself, or a relative directory inside it, created
-/// if missing, that must not leave `work` (lexically or through symlinks; see
-/// [`crate::transfer::create_dirs_inside`]).
-pub fn resolve_workdir(work: &Path, rel: Option<&Path>) -> Result<PathBuf, StartError> {
-    let Some(rel) = rel else {
-        return Ok(work.to_path_buf());
-    };
-    let bad = |reason: &str| StartError::BadWorkdir {
-        path: rel.to_path_buf(),
-        reason: reason.into(),
-    };
-    let mut components = Vec::new();
-    for c in rel.components() {
-        match c {
-            Component::Normal(c) => components.push(c),
-            Component::CurDir => {}
-            Component::ParentDir => return Err(bad("must not contain '..'")),
-            Component::RootDir | Component::Prefix(_) => return Err(bad("must be relative to the build's work dir")),
-        }
-    }
-    let real_work = work.canonicalize().map_err(|e| bad(&e.to_string()))?;
-    crate::transfer::create_dirs_inside(&real_work, &components).map_err(|e| match e {
-        crate::transfer::InsideError::Outside(_) => bad("resolves outside the build's work dir"),
-        other => bad(&other.to_string()),
-    })
 }
 
 fn supervise(spec: BuildSpec, launch: Launch<'_>, spooler: Spooler, s: Spawned) -> Build {

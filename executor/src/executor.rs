@@ -114,6 +114,9 @@ impl Executor {
     /// starts it. A `Prepared` that is dropped instead removes its directory.
     pub fn prepare(&self, spec: BuildSpec) -> Result<Prepared, StartError> {
         let inner = &*self.inner;
+        if let Some(shared) = spec.workdir.as_deref().filter(|w| w.is_absolute()) {
+            crate::workdir::check_shared(shared, inner.state.root(), spec.confine.user)?;
+        }
         let name = spec.name.as_deref().unwrap_or("build");
         // The dir is `<id>.<random>` when the id is known, so a person finds it by id.
         let dir = inner

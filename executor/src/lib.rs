@@ -33,6 +33,7 @@ pub mod spool;
 pub mod statedir;
 pub mod status;
 pub mod transfer;
+pub mod workdir;
 
 pub use attach::Attachments;
 pub use build::{

@@ -100,16 +100,35 @@ fn open_child(parent: BorrowedFd<'_>, name: &CStr) -> io::Result<Dir> {
 /// the build start in its directory (entered before the switch) but fail on every path
 /// through it, `$TMPDIR` included.
 pub fn check_reachable(path: &Path, user: RunAs) -> Result<(), String> {
+    match first_closed(path.ancestors().skip(1), user) {
+        None => Ok(()),
+        Some(closed) => Err(format!(
+            "{closed}: put the state dir (--state-dir) where other users may pass"
+        )),
+    }
+}
+
+/// Checks that `user` can enter `path` itself: it and every directory above it are
+/// searchable by that user (a shared workdir, see [`crate::workdir`]).
+pub fn check_enterable(path: &Path, user: RunAs) -> Result<(), String> {
+    match first_closed(path.ancestors(), user) {
+        None => Ok(()),
+        Some(closed) => Err(closed),
+    }
+}
+
+/// The first of `dirs` that `user` may not search, described; `None` when all are open.
+fn first_closed<'a>(dirs: impl Iterator<Item = &'a Path>, user: RunAs) -> Option<String> {
     use std::os::unix::fs::MetadataExt;
-    for dir in path.ancestors().skip(1) {
+    for dir in dirs {
         let Ok(meta) = std::fs::metadata(dir) else { continue };
         let mode = meta.mode();
         let searchable = mode & 0o001 != 0
             || (meta.uid() == user.uid && mode & 0o100 != 0)
             || (meta.gid() == user.gid && mode & 0o010 != 0);
         if !searchable {
-            return Err(format!(
-                "{} (mode {:04o}, owner {}) is not searchable by uid {}: put the state dir (--state-dir) where other users may pass",
+            return Some(format!(
+                "{} (mode {:04o}, owner {}) is not searchable by uid {}",
                 dir.display(),
                 mode & 0o7777,
                 meta.uid(),
@@ -117,7 +136,7 @@ pub fn check_reachable(path: &Path, user: RunAs) -> Result<(), String> {
             ));
         }
     }
-    Ok(())
+    None
 }
 
 #[cfg(test)]

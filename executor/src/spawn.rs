@@ -20,7 +20,9 @@
 //! A build confined to another user or to resource limits ([`SpawnRequest::confine`])
 //! is started with `fork` instead, through `std::process::Command` and a `pre_exec` hook
 //! that does what `posix_spawn` cannot: `setrlimit`, `setgroups`, `setgid`, `setuid`
-//! ([`crate::confine`]). Only such builds pay for the `fork`.
+//! ([`crate::confine`]), and only then `chdir`, so that the kernel checks the build's
+//! user's access to its cwd (a shared workdir, [`crate::workdir`]). Only such builds pay
+//! for the `fork`.
 //!
 //! On an exec failure glibc (and std) reap the failed child themselves: callers must
 //! hold the reaper's lock across [`spawn`] (see [`crate::reaper::Reaper::spawn_with`]).
@@ -270,9 +272,11 @@ fn spawn_confined(
     if let Some((first, rest)) = req.argv.split_first() {
         cmd.arg0(first).args(rest);
     }
+    // The cwd is entered in the hook, after the switch to the build's user: the kernel
+    // checks that user's access to it (a shared workdir, see `crate::workdir`).
+    let cwd = cstring(req.cwd.as_os_str())?;
     cmd.env_clear()
         .envs(req.env.iter().map(|(k, v)| (k, v)))
-        .current_dir(req.cwd)
         .stdin(stdio(req.stdin)?)
         .stdout(stdio(Some(req.stdout))?)
         .stderr(stdio(Some(req.stderr))?);
@@ -303,7 +307,11 @@ fn spawn_confined(
             for sig in 1..libc::SIGRTMAX() {
                 libc::signal(sig, libc::SIG_DFL);
             }
-            confine.apply_in_child()
+            confine.apply_in_child()?;
+            if libc::chdir(cwd.as_ptr()) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
         });
     }
     let child = cmd.spawn().map_err(spawn_error)?;

@@ -443,12 +443,47 @@ async fn workdir_stays_inside_the_work_dir() {
         .trim_end()
         .ends_with("/work/sub/dir"));
 
-    for bad in ["../escape", "/etc", "a/../../b"] {
+    let state = t.path().to_path_buf();
+    for bad in [
+        PathBuf::from("../escape"),
+        PathBuf::from("a/../../b"),
+        t.path().join("no-such-dir"),
+        state.clone(),
+        PathBuf::from("/proc"),
+    ] {
         let mut spec = script("pwd");
-        spec.workdir = Some(bad.into());
+        spec.workdir = Some(bad.clone());
         let err = ex.start(spec).unwrap_err();
-        assert!(matches!(err, StartError::BadWorkdir { .. }), "{bad}: {err:?}");
+        assert!(
+            matches!(err, StartError::BadWorkdir { .. }),
+            "{}: {err:?}",
+            bad.display()
+        );
     }
+    assert!(build_dirs(&ex).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_absolute_workdir_is_used_as_it_is_and_left_in_place() {
+    let t = tempfile::tempdir().unwrap();
+    let ex = executor(t.path());
+    let shared = tempfile::tempdir().unwrap();
+    let ws = shared.path().join("workspace");
+    std::fs::create_dir(&ws).unwrap();
+    std::fs::write(ws.join("sources"), "x").unwrap();
+    let mut spec = script(r#"pwd; ls; echo "$TMPDIR"; touch "$TMPDIR/scratch" out"#);
+    spec.workdir = Some(ws.clone());
+    let f = finish(ex.start(spec).unwrap()).await;
+    let out = String::from_utf8(f.stdout).unwrap();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], ws.to_str().unwrap());
+    assert_eq!(lines[1], "sources");
+    let tmp = PathBuf::from(lines[2]);
+    assert!(tmp.starts_with(t.path()), "private TMPDIR: {}", tmp.display());
+    assert_eq!(f.outcome.status, Some(ChildStatus::Exited(0)));
+    // The shared dir keeps what the build made there; its private dir is gone.
+    assert!(ws.join("out").is_file() && ws.join("sources").is_file());
+    assert!(!tmp.exists());
     assert!(build_dirs(&ex).is_empty());
 }
 

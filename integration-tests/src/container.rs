@@ -129,7 +129,31 @@ pub struct BundleBuilder {
     mounts: Vec<Value>,
     with_tether: bool,
     empty_rootfs: bool,
+    env: Option<Vec<String>>,
+    user: Option<Value>,
+    bin: bool,
+    files: Vec<(String, Vec<u8>, u32)>,
+    capabilities: Option<&'static [&'static str]>,
 }
+
+/// The capabilities a container's root gets by default from Kubernetes' runtimes
+/// (containerd's and CRI-O's default set, as Docker's); `runc spec` gives only three.
+pub const KUBERNETES_CAPABILITIES: &[&str] = &[
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+];
 
 impl BundleBuilder {
     /// Arguments after `/kaniko/tether serve --state-dir /kaniko/state`.
@@ -159,6 +183,55 @@ impl BundleBuilder {
             "type": "bind",
             "source": source,
             "options": ["rbind", "rw"],
+        }));
+        self
+    }
+
+    /// The container process's environment (`K=V` items) instead of
+    /// `PATH=/busybox:/kaniko`.
+    pub fn env<I, S>(mut self, env: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.env = Some(env.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Runs the container's process as `uid:gid` with these supplementary groups (a
+    /// pod's `fsGroup` is one of every container's), instead of root.
+    pub fn user(mut self, uid: u32, gid: u32, additional: &[u32]) -> Self {
+        self.user = Some(json!({"uid": uid, "gid": gid, "additionalGids": additional}));
+        self
+    }
+
+    /// A `/bin` holding busybox's applets (`/bin/sh`), as an ordinary image has; kaniko's
+    /// debug image has none.
+    pub fn with_bin(mut self) -> Self {
+        self.bin = true;
+        self
+    }
+
+    /// Gives the container's root these capabilities (e.g. [`KUBERNETES_CAPABILITIES`]).
+    pub fn capabilities(mut self, caps: &'static [&'static str]) -> Self {
+        self.capabilities = Some(caps);
+        self
+    }
+
+    /// Writes a file (with its parents) into the rootfs.
+    pub fn file(mut self, path: &str, contents: &[u8], mode: u32) -> Self {
+        self.files
+            .push((path.trim_start_matches('/').to_owned(), contents.to_vec(), mode));
+        self
+    }
+
+    /// Bind-mounts the host's `source` read-only at `destination` in the container.
+    pub fn bind_mount_ro(mut self, source: &Path, destination: &str) -> Self {
+        self.mounts.push(json!({
+            "destination": destination,
+            "type": "bind",
+            "source": source,
+            "options": ["rbind", "ro"],
         }));
         self
     }
@@ -214,6 +287,18 @@ impl BundleBuilder {
         if self.with_tether && !self.empty_rootfs {
             fs::copy(static_tether(), rootfs.join(TETHER_PATH.trim_start_matches('/')))?;
         }
+        if self.bin {
+            symlink("busybox", rootfs.join("bin"))?;
+        }
+        for (path, contents, mode) in &self.files {
+            use std::os::unix::fs::PermissionsExt;
+            let dest = rootfs.join(path);
+            if let Some(parent) = dest.parent() {
+                fs::create_dir_all(parent)?;
+            }
+            fs::write(&dest, contents)?;
+            fs::set_permissions(&dest, fs::Permissions::from_mode(*mode))?;
+        }
 
         // config.json: runc's default spec, edited.
         let spec = Command::new("runc")
@@ -240,7 +325,15 @@ impl BundleBuilder {
         });
         config["process"]["terminal"] = json!(false);
         config["process"]["args"] = json!(args);
-        config["process"]["env"] = json!(["PATH=/busybox:/kaniko"]);
+        config["process"]["env"] = json!(self.env.unwrap_or_else(|| vec!["PATH=/busybox:/kaniko".into()]));
+        if let Some(user) = self.user {
+            config["process"]["user"] = user;
+        }
+        if let Some(caps) = self.capabilities {
+            for set in ["bounding", "effective", "permitted"] {
+                config["process"]["capabilities"][set] = json!(caps);
+            }
+        }
         config["root"]["readonly"] = json!(false);
         if let Some(mounts) = config["mounts"].as_array_mut() {
             mounts.extend(self.mounts);
@@ -280,6 +373,11 @@ impl Bundle {
             mounts: Vec::new(),
             with_tether: true,
             empty_rootfs: false,
+            env: None,
+            user: None,
+            bin: false,
+            files: Vec::new(),
+            capabilities: None,
         }
     }
 

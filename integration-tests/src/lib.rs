@@ -8,6 +8,8 @@
 
 pub mod container;
 pub mod http;
+pub mod jenkins;
+pub mod pod;
 pub mod registry;
 use std::ffi::OsStr;
 use std::io::{Read, Write};
@@ -165,6 +167,18 @@ pub fn serve_socket(dir: &Path, args: &[&str]) -> (Serve, PathBuf) {
         serve.stderr.text()
     );
     (serve, sock)
+}
+
+/// `tether run --socket SOCK ARGS` with stdin from /dev/null, not started yet.
+pub fn run_cmd(sock: &Path, args: &[&str]) -> Command {
+    let mut cmd = tether(["run", "--socket"]);
+    cmd.arg(sock).args(args).stdin(Stdio::null());
+    cmd
+}
+
+/// Runs `tether run --socket SOCK ARGS` (stdin from /dev/null) and waits for it.
+pub fn run_on(sock: &Path, args: &[&str]) -> Finished {
+    Proc::spawn(&mut run_cmd(sock, args)).finish(TIMEOUT)
 }
 
 /// Quotes a string for `sh`.

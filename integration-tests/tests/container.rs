@@ -178,8 +178,8 @@ fn runc_kill_term_cancels_running_builds_and_the_container_exits_cleanly() {
 
     let plain_exit = s.output(&plain).exited.expect("Exited for the plain build");
     let stubborn_exit = s.output(&stubborn).exited.expect("Exited for the stubborn build");
-    assert_eq!(plain_exit.cause, EndCause::Cancelled, "{plain_exit:?}");
-    assert_eq!(stubborn_exit.cause, EndCause::Cancelled, "{stubborn_exit:?}");
+    assert_eq!(plain_exit.cause, EndCause::Shutdown, "{plain_exit:?}");
+    assert_eq!(stubborn_exit.cause, EndCause::Shutdown, "{stubborn_exit:?}");
     assert_eq!(
         plain_exit.status,
         ExitStatus::Signal {

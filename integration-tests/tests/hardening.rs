@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use integration_tests::{pid_gone, tether, wait_until, DaemonLink, Finished, Proc, Serve, TIMEOUT};
+use integration_tests::{pid_gone, run_cmd, run_on, tether, wait_until, DaemonLink, Proc, Serve, TIMEOUT};
 use tether_protocol::{ClientMessage, DaemonMessage};
 
 fn is_root() -> bool {
@@ -33,16 +33,6 @@ fn serve_socket(dir: &Path, extra: &[&str]) -> (Serve, PathBuf) {
     let mut args = vec!["--log-level", "info"];
     args.extend_from_slice(extra);
     integration_tests::serve_socket(dir, &args)
-}
-
-fn run_cmd(sock: &Path, args: &[&str]) -> Command {
-    let mut cmd = tether(["run", "--socket", sock.to_str().unwrap()]);
-    cmd.args(args).stdin(Stdio::null());
-    cmd
-}
-
-fn run_on(sock: &Path, args: &[&str]) -> Finished {
-    Proc::spawn(&mut run_cmd(sock, args)).finish(TIMEOUT)
 }
 
 /// The pids of every process whose real uid is `uid` (zombies included).

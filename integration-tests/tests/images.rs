@@ -1,12 +1,12 @@
-//! Keeps images/ honest: every tether command line in the pod template and Dockerfiles
+//! Keeps images/ honest: every tether command line in the pod templates and Dockerfiles
 //! must be accepted by the real binary, and every flag the Jenkins files pass to
-//! `tether run` must exist.
+//! `tether run` must exist. (`jenkins_pod.rs` runs them.)
 
 use std::path::PathBuf;
 use std::process::Stdio;
 
+use integration_tests::pod::PodTemplate;
 use integration_tests::{tether, Proc, TIMEOUT};
-use yaml_rust2::YamlLoader;
 
 fn images() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../images")
@@ -21,21 +21,30 @@ fn accepted(args: &[String]) -> bool {
 
 #[test]
 fn pod_template_commands_are_accepted() {
-    let text = std::fs::read_to_string(images().join("jenkins/pod-template.yaml")).unwrap();
-    let docs = YamlLoader::load_from_str(&text).unwrap();
-    let mut checked = 0;
-    for c in docs[0]["spec"]["containers"].as_vec().unwrap() {
-        let Some(cmd) = c["command"].as_vec() else { continue };
-        let words: Vec<String> = cmd.iter().map(|w| w.as_str().unwrap().to_owned()).collect();
-        if !words[0].ends_with("tether") {
-            continue;
+    for file in ["pod-template.yaml", "pod-template-stock.yaml"] {
+        let template = PodTemplate::load(file);
+        let mut checked = 0;
+        for c in template.init_containers.iter().chain(&template.containers) {
+            let Some(program) = c.argv.first() else { continue };
+            if !program.ends_with("tether") {
+                continue;
+            }
+            assert!(accepted(&c.argv[1..]), "{file}: {}: rejected {:?}", c.name, c.argv);
+            if c.serves() {
+                assert!(c.stdin && !c.tty, "{file}: {}: stdin: true, tty: false", c.name);
+                // The jnlp container finds each daemon's socket as $TETHER_DIR/NAME.sock.
+                let dir = template.container("jnlp").env_var("TETHER_DIR").expect("TETHER_DIR");
+                assert_eq!(
+                    c.flag("--socket"),
+                    Some(format!("{dir}/{}.sock", c.name).as_str()),
+                    "{file}: {}",
+                    c.name
+                );
+            }
+            checked += 1;
         }
-        assert!(accepted(&words[1..]), "rejected: {words:?}");
-        assert_eq!(c["stdin"].as_bool(), Some(true));
-        assert_eq!(c["tty"].as_bool(), Some(false));
-        checked += 1;
+        assert!(checked >= 1, "{file}: no tether container");
     }
-    assert_eq!(checked, 1);
 }
 
 #[test]
@@ -61,14 +70,10 @@ fn jenkins_run_flags_exist() {
     let help = Proc::spawn(tether(["run", "--help"]).stdin(Stdio::null()))
         .finish(TIMEOUT)
         .stdout_text();
-    for file in [
-        "jenkins/Jenkinsfile",
-        "jenkins/Jenkinsfile.attach",
-        "jenkins/vars/tetherRun.groovy",
-    ] {
+    for file in ["jenkins/Jenkinsfile", "jenkins/vars/tetherSh.groovy"] {
         let text = std::fs::read_to_string(images().join(file)).unwrap();
         let flags: Vec<&str> = text
-            .split(|c: char| c.is_whitespace() || c == '"' || c == '[' || c == ',')
+            .split(|c: char| c.is_whitespace() || "\"'[],=".contains(c))
             .filter(|w| {
                 w.starts_with("--") && w.len() > 2 && w[2..].chars().all(|c| c.is_ascii_lowercase() || c == '-')
             })
@@ -76,10 +81,30 @@ fn jenkins_run_flags_exist() {
         assert!(!flags.is_empty(), "{file}");
         for f in flags {
             // Flags of kaniko's executor appear inside the scripts; only tether's count.
-            if ["--context", "--destination", "--insecure-registry", "--cleanup"].contains(&f) {
+            if [
+                "--context",
+                "--destination",
+                "--insecure-registry",
+                "--cleanup",
+                "--digest-file",
+            ]
+            .contains(&f)
+            {
                 continue;
             }
             assert!(help.contains(f), "{file}: tether run has no {f}");
         }
+    }
+}
+
+#[test]
+fn the_readme_shows_the_files_the_pod_test_runs() {
+    let readme = std::fs::read_to_string(images().join("../README.md")).unwrap();
+    for file in ["jenkins/Jenkinsfile", "jenkins/pod-template.yaml"] {
+        let text = std::fs::read_to_string(images().join(file)).unwrap();
+        assert!(
+            readme.contains(text.trim_end()),
+            "README.md's \"Jenkins in 5 minutes\" must show images/{file} as it is"
+        );
     }
 }

@@ -33,12 +33,22 @@ fn install_copies_the_binary_atomically_and_executable() {
 }
 
 #[test]
-fn install_into_a_missing_dir_is_a_clear_failure() {
+fn install_creates_a_missing_dir_and_names_what_is_in_its_way() {
+    use std::os::unix::fs::MetadataExt;
     let dir = tempfile::tempdir().unwrap();
-    let missing = dir.path().join("nope");
+    let missing = dir.path().join("a/b");
     let r = Proc::spawn(tether(["install"]).arg(&missing).stdin(Stdio::null())).finish(TIMEOUT);
+    assert_eq!(r.code(), 0, "{}", r.stderr_text());
+    for d in [dir.path().join("a"), missing.clone()] {
+        assert_eq!(std::fs::metadata(&d).unwrap().mode() & 0o7777, 0o755, "{}", d.display());
+    }
+    assert!(missing.join("tether").is_file());
+    // A file where the directory must be: a clear failure naming it.
+    std::fs::write(dir.path().join("file"), "x").unwrap();
+    let blocked = dir.path().join("file/sub");
+    let r = Proc::spawn(tether(["install"]).arg(&blocked).stdin(Stdio::null())).finish(TIMEOUT);
     assert_eq!(r.code(), 125);
-    assert!(r.stderr_text().contains("nope"), "{}", r.stderr_text());
+    assert!(r.stderr_text().contains("file/sub"), "{}", r.stderr_text());
 }
 
 #[test]

@@ -104,12 +104,19 @@ fn sigterm_cancels_running_builds_reports_them_and_cleans_up() {
     );
 
     signal(d.pid(), Signal::SIGTERM);
+    // The client is told why first, then its build ends as cancelled by the shutdown.
+    let reason = d.wait_message(|m| match m {
+        DaemonMessage::ShuttingDown { reason } => Some(reason.clone()),
+        DaemonMessage::Exited(e) => panic!("Exited before ShuttingDown: {e:?}"),
+        _ => None,
+    });
+    assert!(reason.contains("SIGTERM"), "{reason}");
     let exited = d.wait_message(|m| match m {
         DaemonMessage::Exited(e) => Some(e.clone()),
         _ => None,
     });
     assert_eq!(exited.build, build);
-    assert_eq!(exited.cause, EndCause::Cancelled);
+    assert_eq!(exited.cause, EndCause::Shutdown);
     assert_eq!(
         exited.status,
         ExitStatus::Signal {
@@ -154,7 +161,7 @@ fn eof_with_exit_on_eof_cancels_running_builds() {
         DaemonMessage::Exited(e) => Some(e.clone()),
         _ => None,
     });
-    assert_eq!(exited.cause, EndCause::Cancelled);
+    assert_eq!(exited.cause, EndCause::Shutdown);
     assert_eq!(
         exited.status,
         ExitStatus::Signal {

@@ -4,19 +4,13 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
-use integration_tests::{tether, tether_bin, wait_until, Proc, Serve, TIMEOUT};
+use integration_tests::{run_on, tether, tether_bin, wait_until, Proc, Serve, TIMEOUT};
 
 /// A daemon serving on `<dir>/tether.sock` (and its stdin, kept open by the test).
 fn serve_socket(dir: &Path, extra: &[&str]) -> (Serve, PathBuf) {
     let mut args = vec!["--log-level", "info"];
     args.extend_from_slice(extra);
     integration_tests::serve_socket(dir, &args)
-}
-
-fn run_on(sock: &Path, args: &[&str]) -> integration_tests::Finished {
-    let mut cmd = tether(["run", "--socket", sock.to_str().unwrap()]);
-    cmd.args(args).stdin(Stdio::null());
-    Proc::spawn(&mut cmd).finish(TIMEOUT)
 }
 
 #[test]
@@ -141,14 +135,12 @@ fn a_stale_socket_is_replaced_and_a_live_one_is_kept() {
 
 /// Runs `tether run --socket SOCK -- true` as uid/gid 65534 through setpriv.
 fn run_as_nobody(sock: &Path) -> integration_tests::Finished {
-    let mut cmd = std::process::Command::new("setpriv");
-    cmd.args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
-        .arg(tether_bin())
-        .args(["run", "--socket"])
-        .arg(sock)
-        .args(["--", "true"])
-        .stdin(Stdio::null());
-    Proc::spawn(&mut cmd).finish(TIMEOUT)
+    as_user(
+        65534,
+        65534,
+        &[],
+        &["run", "--socket", sock.to_str().unwrap(), "--", "true"],
+    )
 }
 
 #[test]
@@ -183,4 +175,109 @@ fn a_peer_with_another_uid_is_refused_unless_allowed() {
     let (_serve, sock) = serve_socket(allowed_dir.path(), &["--allow-uid", "65534"]);
     let ok = run_as_nobody(&sock);
     assert_eq!(ok.code(), 0, "{}", ok.stderr_text());
+}
+
+/// `tether ARGS` as `uid:gid` with the supplementary `groups`, through setpriv.
+fn as_user(uid: u32, gid: u32, groups: &[u32], args: &[&str]) -> integration_tests::Finished {
+    let mut cmd = std::process::Command::new("setpriv");
+    cmd.args(["--reuid", &uid.to_string(), "--regid", &gid.to_string()]);
+    if groups.is_empty() {
+        cmd.arg("--clear-groups");
+    } else {
+        let list: Vec<String> = groups.iter().map(u32::to_string).collect();
+        cmd.args(["--groups", &list.join(",")]);
+    }
+    cmd.arg(tether_bin()).args(args).stdin(Stdio::null());
+    Proc::spawn(&mut cmd).finish(TIMEOUT)
+}
+
+#[test]
+fn a_fresh_volume_gets_the_socket_dir_and_the_client_reachable_by_the_allowed_group() {
+    use std::os::unix::fs::MetadataExt;
+    if !nix::unistd::geteuid().is_root() || std::process::Command::new("setpriv").arg("--version").output().is_err() {
+        eprintln!("skipped: needs root and setpriv to connect as other users");
+        return;
+    }
+    // A fresh emptyDir: world-writable, nothing in it.
+    let vol = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(vol.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let tether_dir = vol.path().join("agent/.tether");
+    let sock = tether_dir.join("kaniko.sock");
+    let state = tempfile::tempdir().unwrap();
+    let serve = Serve::with_state_dir(
+        &state.path().join("state"),
+        &[
+            "--log-level",
+            "info",
+            "--socket",
+            sock.to_str().unwrap(),
+            "--allow-gid",
+            "4300",
+            "--publish-client",
+            tether_dir.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        wait_until(TIMEOUT, || std::os::unix::net::UnixStream::connect(&sock).is_ok()),
+        "{}",
+        serve.stderr.text()
+    );
+    for d in [vol.path().join("agent"), tether_dir.clone()] {
+        let m = std::fs::metadata(&d).unwrap();
+        assert_eq!(
+            (m.uid(), m.gid(), m.mode() & 0o7777),
+            (0, 4300, 0o750),
+            "{}",
+            d.display()
+        );
+    }
+    assert_eq!(
+        std::fs::metadata(tether_dir.join("tether")).unwrap().mode() & 0o777,
+        0o755
+    );
+    let client = tether_dir.join("tether");
+    let ps = ["ps", "--socket", sock.to_str().unwrap()];
+    // A member of the group by a supplementary group only (a pod's fsGroup), with an
+    // arbitrary uid and gid 0 (as OpenShift runs pods): admitted. Its client is the copy.
+    let mut cmd = std::process::Command::new("setpriv");
+    cmd.args(["--reuid", "1000680000", "--regid", "0", "--groups", "4300"])
+        .arg(&client)
+        .args(ps)
+        .stdin(Stdio::null());
+    let member = Proc::spawn(&mut cmd).finish(TIMEOUT);
+    assert_eq!(member.code(), 0, "{}", member.stderr_text());
+    assert!(member.stdout_text().starts_with("ID "), "{}", member.stdout_text());
+    // Someone else cannot even reach the directory.
+    let outsider = as_user(4242, 4242, &[], &ps);
+    assert_eq!(outsider.code(), 125, "{}", outsider.stderr_text());
+    assert!(
+        outsider.stderr_text().contains("Permission denied"),
+        "{}",
+        outsider.stderr_text()
+    );
+}
+
+#[test]
+fn a_supplementary_group_is_admitted_by_allow_gid() {
+    if !nix::unistd::geteuid().is_root() || std::process::Command::new("setpriv").arg("--version").output().is_err() {
+        eprintln!("skipped: needs root and setpriv to connect as other users");
+        return;
+    }
+    // A directory everyone may pass: the daemon's peer check alone decides.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (serve, sock) = serve_socket(dir.path(), &["--allow-gid", "4300"]);
+    let ps = ["ps", "--socket", sock.to_str().unwrap()];
+    let by_primary = as_user(4242, 4300, &[], &ps);
+    assert_eq!(by_primary.code(), 0, "{}", by_primary.stderr_text());
+    let by_supplementary = as_user(4242, 4242, &[4300], &ps);
+    assert_eq!(by_supplementary.code(), 0, "{}", by_supplementary.stderr_text());
+    let neither = as_user(4242, 4242, &[4301], &ps);
+    assert_eq!(neither.code(), 125, "{}", neither.stderr_text());
+    assert!(
+        neither.stderr_text().contains("uid 4242 may not use"),
+        "{}",
+        neither.stderr_text()
+    );
+    drop(serve);
 }

@@ -34,7 +34,7 @@ pub use message::*;
 pub const PREAMBLE: &[u8] = b"<===[TETHER]===>\n";
 
 /// The protocol version this crate speaks. Bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// Largest payload a frame may carry. A header that claims more is corrupt; no reader
 /// ever allocates more than this (plus the header) for one frame.

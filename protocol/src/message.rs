@@ -230,6 +230,11 @@ pub enum DaemonMessage {
     /// (milliseconds since the Unix epoch), when it starts on its own.
     /// [`DaemonMessage::Started`] follows the release.
     HeldBefore { build: BuildId, until_ms: u64 },
+    /// Tag 23. The daemon is stopping (`reason` says why, e.g. it received SIGTERM, as
+    /// at a pod's deletion): it accepts no new build and cancels the running ones, each
+    /// of which then ends with [`EndCause::Shutdown`]; the stream closes after that.
+    /// Sent once to every session.
+    ShuttingDown { reason: String },
 }
 
 /// A terminal's size in character cells.
@@ -353,7 +358,10 @@ pub struct RunSpec {
     pub command: CommandSpec,
     /// Added to (and overriding) the daemon's environment.
     pub env: Vec<EnvVar>,
-    /// Directory inside the build's work dir to run in; must not escape it.
+    /// Where the command runs: relative, a directory inside the build's private work
+    /// dir (created if missing; must not leave it); absolute, an existing directory
+    /// shared with other containers (a workspace), never created or removed by the
+    /// daemon. `None`: the work dir itself.
     pub workdir: Option<Bytes>,
     /// Cancel the build (cause: timeout) after this many milliseconds.
     pub timeout_ms: Option<u64>,
@@ -574,13 +582,16 @@ pub enum ExitStatus {
 pub enum EndCause {
     /// The main process exited on its own.
     Completed,
-    /// A client cancelled it (or the daemon shut down).
+    /// A client cancelled it.
     Cancelled,
     /// Its timeout expired.
     TimedOut,
     /// It was held ([`DaemonMessage::Held`]) and a [`ClientMessage::Release`] chose the
     /// status it finished with, replacing its own.
     Released,
+    /// The daemon was stopping ([`DaemonMessage::ShuttingDown`]) and cancelled it. Never
+    /// a success, whatever the status: the build did not get to finish.
+    Shutdown,
 }
 
 /// An error, with what it concerns.

@@ -366,7 +366,8 @@ fn daemon_message() -> impl Strategy<Value = DaemonMessage> {
                 Just(EndCause::Completed),
                 Just(EndCause::Cancelled),
                 Just(EndCause::TimedOut),
-                Just(EndCause::Released)
+                Just(EndCause::Released),
+                Just(EndCause::Shutdown)
             ],
             int(),
             int(),
@@ -414,6 +415,7 @@ fn daemon_message() -> impl Strategy<Value = DaemonMessage> {
         (int(), int()).prop_map(|(shell, consumed)| DaemonMessage::ShellInputAck { shell, consumed }),
         (int(), exit_status()).prop_map(|(shell, status)| DaemonMessage::ShellExited { shell, status }),
         (build_id(), int()).prop_map(|(build, until_ms)| DaemonMessage::HeldBefore { build, until_ms }),
+        ".{0,200}".prop_map(|reason| DaemonMessage::ShuttingDown { reason }),
     ]
     .prop_filter("fits in a frame", fits)
 }

@@ -65,11 +65,12 @@ fn daemon_tag(m: &DaemonMessage) -> u8 {
         DaemonMessage::ShellInputAck { .. } => 20,
         DaemonMessage::ShellExited { .. } => 21,
         DaemonMessage::HeldBefore { .. } => 22,
+        DaemonMessage::ShuttingDown { .. } => 23,
     }
 }
 
 const CLIENT_TAGS: u8 = 19;
-const DAEMON_TAGS: u8 = 23;
+const DAEMON_TAGS: u8 = 24;
 
 fn all_error_kinds() -> Vec<ErrorKind> {
     use ErrorKind::*;
@@ -600,6 +601,9 @@ fn daemon_messages() -> Vec<DaemonMessage> {
             build: build("b-4"),
             until_ms: 0,
         },
+        DaemonMessage::ShuttingDown {
+            reason: "received SIGTERM".into(),
+        },
     ];
     let statuses = [
         ExitStatus::Code(0),
@@ -620,6 +624,7 @@ fn daemon_messages() -> Vec<DaemonMessage> {
         EndCause::Cancelled,
         EndCause::TimedOut,
         EndCause::Released,
+        EndCause::Shutdown,
     ];
     for (i, status) in statuses.into_iter().enumerate() {
         v.push(DaemonMessage::Exited(Exited {
@@ -715,7 +720,7 @@ fn payload<T: Serialize>(msg: &T) -> Vec<u8> {
 fn example_frames_of_protocol_md() {
     // The two frames dumped in PROTOCOL.md, "Example": keep them in sync.
     let hello = ClientMessage::Hello(Hello {
-        protocol: 6,
+        protocol: 7,
         client_version: "0.1.0".into(),
         capabilities: vec![],
     });
@@ -724,13 +729,13 @@ fn example_frames_of_protocol_md() {
     assert_eq!(
         f,
         [
-            0xf4, 0x54, 0x48, 0x52, 0x09, 0x00, 0x00, 0x00, 0x94, 0xe5, 0xcd, 0xa1, 0x00, 0x06, 0x05, b'0', b'.', b'1',
+            0xf4, 0x54, 0x48, 0x52, 0x09, 0x00, 0x00, 0x00, 0xb3, 0x98, 0xf1, 0xe8, 0x00, 0x07, 0x05, b'0', b'.', b'1',
             b'.', b'0', 0x00
         ]
     );
     assert_eq!(
         tether_protocol::frame::frame_crc(&f[..8], &f[FRAME_HEADER_LEN..]),
-        0xa1cd_e594
+        0xe8f1_98b3
     );
     let run = ClientMessage::Run {
         req: 1,
@@ -774,7 +779,7 @@ fn preamble_and_constants() {
     assert_eq!(SYNC_PAD_LEN, 131_084);
     assert_eq!(DEFAULT_STDIN_WINDOW, 262_144);
     assert_eq!(DEFAULT_UPLOAD_WINDOW, 8_388_608);
-    assert_eq!(PROTOCOL_VERSION, 6);
+    assert_eq!(PROTOCOL_VERSION, 7);
 }
 
 #[test]
@@ -877,6 +882,7 @@ fn other_primitives() {
     assert_eq!(payload(&EndCause::Cancelled), [1]);
     assert_eq!(payload(&EndCause::TimedOut), [2]);
     assert_eq!(payload(&EndCause::Released), [3]);
+    assert_eq!(payload(&EndCause::Shutdown), [4]);
 }
 
 #[test]
@@ -1504,11 +1510,12 @@ fn undecodable_payloads_are_decode_errors() {
         vec![1, 0, 0, 13, 0],               // Error with ErrorKind 13
         vec![5, 1, b'b', 2, 0, 0],          // Output with OutputStream 2
         vec![6, 1, b'b', 2, 0, 0, 0, 0, 0], // Exited with ExitStatus 2
-        vec![6, 1, b'b', 0, 0, 4, 0, 0, 0], // Exited with EndCause 4
+        vec![6, 1, b'b', 0, 0, 5, 0, 0, 0], // Exited with EndCause 5
         vec![9, 0, 1, 0, 0, 0, 0, 0, 5],    // Builds with BuildState 5
         vec![19, 5, 2, 0],                  // ShellOutput with OutputStream 2
         vec![21, 5, 2, 0],                  // ShellExited with ExitStatus 2
         vec![22, 1, b'b'],                  // HeldBefore without until_ms
+        vec![23],                           // ShuttingDown without its reason
     ];
     for p in bad_daemon {
         let r = decode_framed::<DaemonMessage>(&p);

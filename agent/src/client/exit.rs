@@ -12,10 +12,18 @@ pub const NOT_FOUND: i32 = 127;
 
 /// The exit code for a finished build.
 pub fn for_exited(e: &Exited) -> i32 {
-    if e.cause == EndCause::TimedOut {
-        return TIMED_OUT;
+    for_end(&e.status, e.cause)
+}
+
+/// The exit code for a build that ended with `status` for `cause`: 124 after its
+/// timeout; after the daemon's shutdown never 0 (the build did not get to finish: a
+/// status 0 from a build that handled the SIGTERM is reported as 143, 128 + SIGTERM).
+pub fn for_end(status: &ExitStatus, cause: EndCause) -> i32 {
+    match (cause, status) {
+        (EndCause::TimedOut, _) => TIMED_OUT,
+        (EndCause::Shutdown, ExitStatus::Code(0)) => 128 + libc::SIGTERM,
+        _ => for_status(status),
     }
-    for_status(&e.status)
 }
 
 /// The exit code for a process status: its code, or 128+N for signal N.
@@ -60,6 +68,13 @@ mod tests {
         };
         assert_eq!(for_exited(&exited(killed, EndCause::Cancelled)), 137);
         assert_eq!(for_exited(&exited(killed, EndCause::TimedOut)), 124);
+        assert_eq!(for_exited(&exited(ExitStatus::Code(0), EndCause::Shutdown)), 143);
+        assert_eq!(for_exited(&exited(ExitStatus::Code(2), EndCause::Shutdown)), 2);
+        let termed = ExitStatus::Signal {
+            signal: 15,
+            core_dumped: false,
+        };
+        assert_eq!(for_exited(&exited(termed, EndCause::Shutdown)), 143);
         assert_eq!(for_error(ErrorKind::CommandNotFound), 127);
         assert_eq!(for_error(ErrorKind::NotExecutable), 126);
         assert_eq!(for_error(ErrorKind::Internal), 125);

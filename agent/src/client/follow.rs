@@ -490,7 +490,7 @@ fn clock(ms: u64) -> String {
 /// Whether a held status is a failure `--hold-on-failure` holds for (not a cancel).
 fn failed(status: &wire::ExitStatus, cause: wire::EndCause) -> bool {
     match cause {
-        wire::EndCause::Cancelled => false,
+        wire::EndCause::Cancelled | wire::EndCause::Shutdown => false,
         wire::EndCause::TimedOut => true,
         _ => *status != wire::ExitStatus::Code(0),
     }
@@ -563,7 +563,7 @@ async fn on_message(
                         "tether: build {build} failed (exit {}) and is held until {} for a look inside:\n\
                          tether:   tether shell{reach} --build {build}\n\
                          tether: end the hold with: tether release{reach} {build} [--success | --failure | --exit-code N]",
-                        if cause == wire::EndCause::TimedOut { exit::TIMED_OUT } else { exit::for_status(&status) },
+                        exit::for_end(&status, cause),
                         clock(until_ms),
                     );
                 }
@@ -684,6 +684,12 @@ async fn on_message(
             } else {
                 exit::for_exited(&e)
             };
+            if e.cause == wire::EndCause::Shutdown {
+                eprintln!(
+                    "tether: build {} did not finish: the daemon shut down and cancelled it (exit {code})",
+                    e.build
+                );
+            }
             if let Err(e) = out.exited(&e, code).await {
                 tracing::debug!(error = %e, "stdout closed");
             }
@@ -719,6 +725,9 @@ async fn on_message(
         }
         DaemonMessage::Error(e) => tracing::debug!(?e, "daemon error"),
         DaemonMessage::Ping { nonce } => conn.writer.send(&ClientMessage::Pong { nonce }).await?,
+        DaemonMessage::ShuttingDown { reason } => {
+            eprintln!("tether: the daemon is shutting down: {reason}");
+        }
         other => tracing::trace!(?other, "ignored"),
     }
     Ok(None)

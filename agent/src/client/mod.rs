@@ -5,6 +5,7 @@ pub mod attach;
 pub mod cancel;
 pub mod connect;
 pub mod dial;
+pub mod env;
 pub mod exit;
 pub mod follow;
 pub mod output;

@@ -157,6 +157,7 @@ impl Output {
             EndCause::Cancelled => "cancelled",
             EndCause::TimedOut => "timed_out",
             EndCause::Released => "released",
+            EndCause::Shutdown => "shutdown",
         };
         self.line(json!({
             "event": "exited", "build": e.build.0, "exit_code": code, "status": status, "cause": cause,

@@ -85,6 +85,7 @@ fn cause_name(cause: EndCause) -> &'static str {
         EndCause::Cancelled => "cancelled",
         EndCause::TimedOut => "timed-out",
         EndCause::Released => "released",
+        EndCause::Shutdown => "shutdown",
     }
 }
 
@@ -146,11 +147,7 @@ fn status_json(status: &ExitStatus) -> Value {
 
 /// The exit code `tether run` gave (or would give) for this build.
 fn exit_code(status: &ExitStatus, cause: EndCause) -> i32 {
-    if cause == EndCause::TimedOut {
-        exit::TIMED_OUT
-    } else {
-        exit::for_status(status)
-    }
+    exit::for_end(status, cause)
 }
 
 #[cfg(test)]

@@ -43,14 +43,18 @@ fn spec(args: &RunArgs, uploads: &[Upload], downloads: &[Download]) -> anyhow::R
     }
     Ok(RunSpec {
         command,
-        env: args
-            .env
-            .iter()
-            .map(|(k, v)| wire::EnvVar {
-                name: bytes(k.as_bytes()),
-                value: bytes(v.as_bytes()),
-            })
-            .collect(),
+        env: super::env::collect(
+            &args.env_prefix,
+            &args.env_file,
+            &args.env,
+            &std::env::vars_os().collect::<Vec<_>>(),
+        )?
+        .iter()
+        .map(|(k, v)| wire::EnvVar {
+            name: bytes(k.as_bytes()),
+            value: bytes(v.as_bytes()),
+        })
+        .collect(),
         workdir: args.workdir.as_ref().map(|w| bytes(w.as_os_str().as_bytes())),
         // As with timeout(1), a zero duration disables the timeout.
         timeout_ms: args.timeout.filter(|t| !t.is_zero()).map(|t| t.as_millis() as u64),
@@ -151,6 +155,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<i32> {
         .map(|d| transfer::parse_download(d))
         .collect::<Result<Vec<_>, _>>()
         .map_err(anyhow::Error::msg)?;
+    if args.workdir.as_ref().is_some_and(|w| w.is_absolute())
+        && !(uploads.is_empty() && downloads.is_empty() && args.fetch.is_empty())
+    {
+        bail!(
+            "--upload, --download and --fetch move files in and out of the build's private work dir, \
+             and an absolute --workdir runs the build in a shared directory instead: \
+             put the files there, or give a --workdir relative to the private work dir"
+        );
+    }
     let mut spec = spec(&args, &uploads, &downloads)?;
     if spec.id.is_none() && (args.connect.reconnects() || args.detach) && !args.interactive {
         spec.id = Some(generated_id(args.name.as_deref()));

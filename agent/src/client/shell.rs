@@ -152,6 +152,11 @@ async fn relay(conn: &mut Connection, tty: bool, args: &ShellArgs) -> anyhow::Re
                     DaemonMessage::Error(e) if e.req == Some(SHELL) || e.kind == ErrorKind::Protocol => {
                         tracing::warn!("daemon: {}", e.message);
                     }
+                    DaemonMessage::ShuttingDown { reason } => {
+                        // On a raw terminal a line feed does not return the carriage.
+                        let end = if tty { "\r\n" } else { "\n" };
+                        eprint!("{end}tether: the daemon is shutting down ({reason}); the shell will be hung up{end}");
+                    }
                     other => tracing::trace!(?other, "ignored"),
                 }
             }

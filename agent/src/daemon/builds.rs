@@ -961,7 +961,10 @@ async fn forward(
                 });
             }
             BuildEvent::Finished(outcome) => {
-                let exited = convert::exited(id.clone(), &outcome);
+                let mut exited = convert::exited(id.clone(), &outcome);
+                if exited.cause == wire::EndCause::Cancelled && builds.stopping.is_cancelled() {
+                    exited.cause = wire::EndCause::Shutdown;
+                }
                 tracing::info!(build = %id, status = ?exited.status, cause = ?exited.cause, duration_ms = exited.duration_ms, "build finished");
                 builds.finished(&id, &exited);
                 feed.finish(exited);

@@ -92,6 +92,8 @@ async fn read_loop(
     let mut ping = tokio::time::interval_at(Instant::now() + daemon.heartbeat, daemon.heartbeat);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut nonce = 0u64;
+    let mut shutdown = daemon.shutdown.subscribe();
+    let mut told_shutdown = false;
     loop {
         let deadline = if session.is_some() {
             heard + daemon.heartbeat_timeout
@@ -103,6 +105,14 @@ async fn read_loop(
                 Some(item) => item,
                 None => break,
             },
+            Ok(()) = shutdown.changed(), if !told_shutdown => {
+                let reason = shutdown.borrow_and_update().clone();
+                if let (Some(reason), Some(s)) = (reason, &session) {
+                    told_shutdown = true;
+                    s.shutting_down(reason);
+                }
+                continue;
+            }
             _ = ping.tick(), if session.is_some() => {
                 if let Some(s) = &session {
                     nonce += 1;

@@ -65,6 +65,9 @@ pub struct ServeOptions {
 /// State shared by every session.
 pub struct Daemon {
     pub builds: Arc<Builds>,
+    /// Why the daemon is stopping, once it is: every session's client is told
+    /// (`ShuttingDown`) before its builds are cancelled.
+    pub shutdown: tokio::sync::watch::Sender<Option<String>>,
     pub version: String,
     pub limits: wire::Limits,
     pub heartbeat: Duration,
@@ -83,8 +86,17 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             opts.heartbeat
         );
     }
+    let access = socket::Access {
+        own_uid: nix::unistd::geteuid().as_raw(),
+        allow_uids: opts.allow_uids.clone(),
+        allow_gids: opts.allow_gids.clone(),
+    };
     // Bound first: a second daemon on a live socket fails before touching any state.
-    let listener = opts.socket.as_deref().map(socket::bind).transpose()?;
+    let listener = opts
+        .socket
+        .as_deref()
+        .map(|path| socket::bind(path, access.reach()))
+        .transpose()?;
     let (frames_in, frames_out) = take_stdio().context("cannot set up stdin/stdout")?;
     // Before the first byte is read or written; restored when `_raw` drops at exit.
     let _raw = tty::RawTty::enter(&frames_in);
@@ -140,6 +152,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             opts.retain,
             opts.max_builds,
         ),
+        shutdown: tokio::sync::watch::Sender::new(None),
         version: env!("CARGO_PKG_VERSION").to_owned(),
         limits: wire::Limits {
             max_payload: wire::MAX_PAYLOAD as u32,
@@ -165,11 +178,6 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let socket_task = match (listener, &opts.socket) {
         (Some(listener), Some(path)) => {
             tracing::info!(socket = %path.display(), "serving on a Unix socket too");
-            let access = socket::Access {
-                own_uid: nix::unistd::geteuid().as_raw(),
-                allow_uids: opts.allow_uids.clone(),
-                allow_gids: opts.allow_gids.clone(),
-            };
             Some(tokio::spawn(socket::serve(
                 listener,
                 path.clone(),
@@ -192,12 +200,12 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             _ = &mut stdio.reader, if input_open => {
                 input_open = false;
                 if opts.exit_on_eof {
-                    break "stdin closed";
+                    break "its stdin closed (--exit-on-eof)";
                 }
                 tracing::info!("stdin closed; serving on until a signal (--exit-on-eof ends here instead)");
             }
-            _ = sigterm.recv() => break "SIGTERM",
-            _ = sigint.recv() => break "SIGINT",
+            _ = sigterm.recv() => break "received SIGTERM (as when its pod is deleted)",
+            _ = sigint.recv() => break "received SIGINT",
             // Only SIGTERM and SIGINT end the daemon (and the end of stdin with
             // --exit-on-eof). A hang-up of whatever started it is not a reason to cancel
             // builds; a client that went away is handled by the protocol.
@@ -206,6 +214,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         }
     };
     tracing::info!(reason, "shutting down: cancelling builds");
+    daemon.shutdown.send_replace(Some(reason.to_owned()));
     expiry.abort();
     trimmer.abort();
     daemon.builds.shutdown().await;

@@ -45,6 +45,12 @@ impl Session {
         self.out.try_control(DaemonMessage::Ping { nonce });
     }
 
+    /// Tells the client that the daemon is stopping (dropped when the client is so far
+    /// behind that its control queue is full: its builds' ends still tell it).
+    pub fn shutting_down(&self, reason: String) {
+        self.out.try_control(DaemonMessage::ShuttingDown { reason });
+    }
+
     /// Reports an error to the client.
     pub async fn error(&self, req: Option<RequestId>, build: Option<BuildId>, kind: ErrorKind, message: String) {
         self.out

@@ -94,7 +94,7 @@ impl Shells {
         };
         let (cwd, base_env) = match &place {
             Some(p) => {
-                let cwd = tether_executor::build::resolve_workdir(&p.cwd, p.workdir.as_deref()).map_err(|e| {
+                let cwd = tether_executor::workdir::resolve(&p.cwd, p.workdir.as_deref()).map_err(|e| {
                     let mut report = super::builds::start_error(req, e);
                     report.build = spec.build.clone();
                     report

@@ -4,11 +4,18 @@
 //! steps reach the build container without any Kubernetes exec. Every connection is its
 //! own stream with its own sessions, served exactly like stdin.
 //!
-//! Access is decided by the peer's credentials (`SO_PEERCRED`), not by the socket file's
-//! mode (which is 0666, so that an allowed uid in another container can connect at all):
-//! by default only the daemon's own uid is admitted; `--allow-uid` and `--allow-gid` add
-//! others (the Jenkins agent runs as uid 1000). A refused peer gets a preamble and an
-//! `Error { kind: PermissionDenied }` naming its uid, and the attempt is logged.
+//! Access is decided by the peer's credentials, not by the socket file's mode (which is
+//! 0666, so that an allowed uid in another container can connect at all): by default
+//! only the daemon's own uid is admitted; `--allow-uid` adds uids (`SO_PEERCRED`), and
+//! `--allow-gid` adds the members of a group, whether it is their primary group
+//! (`SO_PEERCRED`) or a supplementary one (`SO_PEERGROUPS`): a pod's `fsGroup` is a
+//! supplementary group of every container's processes, and the one thing that stays
+//! the same when a platform (OpenShift) runs pods under arbitrary uids. A refused peer
+//! gets a preamble and an `Error { kind: PermissionDenied }` naming its uid, and the
+//! attempt is logged.
+//!
+//! The socket's missing parent directories are created ([`crate::shared_dirs`]), so a
+//! daemon on a fresh, empty workspace volume starts.
 //!
 //! At most `--max-sessions` connections are served at once: one more gets a preamble and
 //! an `Error { kind: Busy }` naming the limit and is closed, so a client that opens
@@ -44,13 +51,70 @@ pub struct Access {
 }
 
 impl Access {
-    fn admits(&self, uid: u32, gid: u32) -> bool {
-        uid == self.own_uid || self.allow_uids.contains(&uid) || self.allow_gids.contains(&gid)
+    /// Whether a peer with these credentials may connect; `groups` (its supplementary
+    /// groups) is asked for only when the uid and primary group did not decide.
+    fn admits(&self, uid: u32, gid: u32, groups: impl FnOnce() -> Vec<u32>) -> bool {
+        uid == self.own_uid
+            || self.allow_uids.contains(&uid)
+            || self.allow_gids.contains(&gid)
+            || (!self.allow_gids.is_empty() && groups().iter().any(|g| self.allow_gids.contains(g)))
+    }
+
+    /// Where the socket's directory must be reachable from.
+    pub fn reach(&self) -> crate::shared_dirs::Reach {
+        crate::shared_dirs::Reach::admitted(self.own_uid, &self.allow_uids, &self.allow_gids)
     }
 }
 
-/// Binds `path`, replacing a stale socket file, refusing to take over a live one.
-pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+/// `SO_PEERGROUPS` (Linux 4.13): the peer's supplementary groups as they were at
+/// `connect`. The libc crate does not export it for glibc targets; this is the
+/// asm-generic value (x86, arm, riscv).
+const SO_PEERGROUPS: libc::c_int = 59;
+
+/// The supplementary groups of a socket's peer (empty when the kernel cannot say).
+fn peer_groups(stream: &UnixStream) -> Vec<u32> {
+    use std::os::fd::AsRawFd;
+    // NGROUPS_MAX on Linux.
+    const MAX: usize = 65536;
+    let mut groups: Vec<libc::gid_t> = vec![0; 32];
+    loop {
+        let mut len = (groups.len() * std::mem::size_of::<libc::gid_t>()) as libc::socklen_t;
+        // SAFETY: the buffer is `len` bytes of gid_t the kernel may fill; it writes the
+        // size it needs (or used) back into `len`.
+        let r = unsafe {
+            libc::getsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let n = len as usize / std::mem::size_of::<libc::gid_t>();
+        if r == 0 {
+            groups.truncate(n);
+            return groups;
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ERANGE) && n > groups.len() && n <= MAX {
+            groups.resize(n, 0);
+            continue;
+        }
+        tracing::debug!(error = %e, "cannot read a socket peer's supplementary groups");
+        return Vec::new();
+    }
+}
+
+/// Binds `path`, replacing a stale socket file, refusing to take over a live one; its
+/// missing parent directories are created as `reach` says.
+pub fn bind(path: &Path, reach: crate::shared_dirs::Reach) -> anyhow::Result<UnixListener> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        let made = crate::shared_dirs::ensure(parent, reach)
+            .with_context(|| format!("cannot create the directory of the socket {}", path.display()))?;
+        for dir in made {
+            tracing::info!(dir = %dir.display(), mode = format!("{:04o}", reach.mode), group = ?reach.group, "created");
+        }
+    }
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => match std::os::unix::net::UnixStream::connect(path) {
             Ok(_) => bail!("a daemon is already listening on {}", path.display()),
@@ -132,7 +196,7 @@ async fn serve_one(
             return;
         }
     };
-    if !access.admits(uid, gid) {
+    if !access.admits(uid, gid, || peer_groups(&stream)) {
         tracing::warn!(
             uid,
             gid,
