@@ -286,6 +286,14 @@ pub struct ConnectArgs {
     /// Treat a daemon that sent nothing (not even a heartbeat) for this long as gone.
     #[arg(long, value_name = "DUR", default_value = "60s", value_parser = parse_duration)]
     pub heartbeat_timeout: Duration,
+    /// Through --via, take the daemon's stdin stream even while another client holds it
+    /// (for a holder known to be dead; the holder stops and its builds go on).
+    #[arg(long)]
+    pub takeover: bool,
+    /// Through --via, how long to wait for a daemon's stdin stream that another client
+    /// holds (exit 125 after it).
+    #[arg(long, value_name = "DUR", default_value = "5m", value_parser = parse_duration)]
+    pub wait_channel: Duration,
 }
 
 impl ConnectArgs {

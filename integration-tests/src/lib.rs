@@ -9,6 +9,7 @@
 pub mod container;
 pub mod http;
 pub mod jenkins;
+pub mod k8s;
 pub mod pod;
 pub mod registry;
 use std::ffi::OsStr;
@@ -587,11 +588,13 @@ pub trait DaemonLink {
         self.send_raw(&frame(msg));
     }
 
-    /// The next message, skipping preambles; a test failure on anything else.
+    /// The next message of the session, skipping preambles and the stdin stream's
+    /// `Channel` announcements (they belong to no session); a test failure on anything
+    /// else.
     fn next_message(&mut self) -> DaemonMessage {
         loop {
             match self.next_event() {
-                Event::Preamble => continue,
+                Event::Preamble | Event::Message(DaemonMessage::Channel(_)) => continue,
                 Event::Message(m) => {
                     self.seen(&m);
                     return m;
@@ -630,6 +633,25 @@ pub trait DaemonLink {
         self.wait_message(|m| match m {
             DaemonMessage::Welcome(w) => Some(w.clone()),
             DaemonMessage::Error(e) => panic!("Hello refused: {e:?}"),
+            _ => None,
+        })
+    }
+
+    /// Takes the daemon's stdin stream over from the session holding it, as a client
+    /// does with `--takeover`: zero padding (completing any frame left half-written),
+    /// a preamble and a Hello that asks for it with session `nonce`; waits for the
+    /// Welcome that names `nonce`.
+    fn take_over(&mut self, nonce: u64) -> tether_protocol::Welcome {
+        let mut bytes = vec![0u8; tether_protocol::SYNC_PAD_LEN];
+        bytes.extend_from_slice(PREAMBLE);
+        encode_frame(
+            &ClientMessage::Hello(tether_protocol::Hello::new("0.1.0", nonce, true)),
+            &mut bytes,
+        )
+        .unwrap();
+        self.send_raw(&bytes);
+        self.wait_message(|m| match m {
+            DaemonMessage::Welcome(w) if w.session == nonce => Some(w.clone()),
             _ => None,
         })
     }

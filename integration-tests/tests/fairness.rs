@@ -16,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use integration_tests::DaemonLink;
 use integration_tests::{
-    frame, hello_message, script_spec, signal, tether, wait_child, wait_until, Collector, Event, Proc, Serve, TIMEOUT,
+    frame, hello_message, script_spec, signal, tether, wait_child, wait_until, Collector, Proc, Serve, TIMEOUT,
 };
 use nix::fcntl::OFlag;
 use nix::sys::signal::Signal;
@@ -523,22 +523,9 @@ fn takeover_ends_the_old_sessions_subscriptions_not_its_builds() {
     // A's client vanishes in the middle of a frame; the next one takes over the stream.
     let ping = frame(&ClientMessage::Ping { nonce: 1 });
     d.send_raw(&ping[..10]);
-    let mut takeover = vec![0u8; tether_protocol::SYNC_PAD_LEN];
-    takeover.extend_from_slice(PREAMBLE);
-    takeover.extend_from_slice(&frame(&hello_message()));
-    d.send_raw(&takeover);
-    // Whatever A was sent comes before the daemon's new preamble.
-    loop {
-        match d.next_event() {
-            Event::Preamble => break,
-            Event::Message(_) => {}
-            other => panic!("expected the new session's preamble, got {other:?}"),
-        }
-    }
-    let welcome = match d.next_message() {
-        DaemonMessage::Welcome(w) => w,
-        other => panic!("expected Welcome first in the new session, got {other:?}"),
-    };
+    // A is silent, not gone, for the daemon: the new client asks to take the stream.
+    // Whatever A was sent comes before the new session's Welcome, which names it.
+    let welcome = d.take_over(0x7a7a_7a7a_7a7a_7a7a);
     let listed = welcome.builds.iter().find(|b| b.build == ticker);
     assert!(
         listed.is_some_and(|b| b.state == BuildState::Running),

@@ -2,9 +2,10 @@
 //! kind and the session goes on.
 
 use integration_tests::DaemonLink;
-use integration_tests::{frame, hello_message, script_spec, Serve};
+use integration_tests::{frame, hello_message, script_spec, Event, Serve};
 use tether_protocol::{
-    encode_frame, BuildId, ClientMessage, DaemonMessage, ErrorKind, ErrorReport, FRAME_HEADER_LEN, MAGIC, PREAMBLE,
+    encode_frame, BuildId, ClientMessage, DaemonMessage, ErrorKind, ErrorReport, Hello, FRAME_HEADER_LEN, MAGIC,
+    PREAMBLE,
 };
 
 fn serve() -> (tempfile::TempDir, Serve) {
@@ -221,14 +222,51 @@ fn a_new_preamble_starts_a_new_session_on_the_same_stream() {
     d.hello();
     let half = frame(&ClientMessage::Ping { nonce: 13 });
     d.send_raw(&half[..FRAME_HEADER_LEN + 1]);
-    let mut bytes = vec![0u8; tether_protocol::SYNC_PAD_LEN];
-    bytes.extend_from_slice(PREAMBLE);
-    encode_frame(&hello_message(), &mut bytes).unwrap();
-    d.send_raw(&bytes);
+    let w = d.take_over(0x0123_4567_89ab_cdef);
+    assert!(w.builds.is_empty());
+    ping_pong(&mut d, 14);
+}
+
+#[test]
+fn a_hello_while_another_session_holds_the_stream_is_refused_and_the_holder_goes_on() {
+    let (_state, mut d) = serve();
+    let mut first = PREAMBLE.to_vec();
+    encode_frame(&ClientMessage::Hello(Hello::new("0.1.0", 1, false)), &mut first).unwrap();
+    d.send_raw(&first);
     let w = d.wait_message(|m| match m {
         DaemonMessage::Welcome(w) => Some(w.clone()),
         _ => None,
     });
-    assert!(w.builds.is_empty());
-    ping_pong(&mut d, 14);
+    assert_eq!(w.session, 1);
+    // A second client that did not wait for the stream: refused by name, in the open.
+    let mut second = PREAMBLE.to_vec();
+    encode_frame(&ClientMessage::Hello(Hello::new("0.1.0", 2, false)), &mut second).unwrap();
+    d.send_raw(&second);
+    let refusal = loop {
+        match d.next_event() {
+            Event::Message(DaemonMessage::Channel(state)) if state.refused.is_some() => break state,
+            Event::Message(DaemonMessage::Welcome(w)) => panic!("a second session started: {w:?}"),
+            _ => {}
+        }
+    };
+    assert_eq!(refusal.refused, Some(2));
+    assert_eq!(refusal.holder.map(|h| h.session), Some(1));
+    // The holder's session goes on; when it says goodbye, the stream is free.
+    ping_pong(&mut d, 15);
+    d.send(&ClientMessage::Goodbye);
+    loop {
+        match d.next_event() {
+            Event::Message(DaemonMessage::Channel(state)) if state.holder.is_none() => break,
+            Event::Message(DaemonMessage::Channel(_)) | Event::Preamble => {}
+            other => panic!("expected the stream announced free, got {other:?}"),
+        }
+    }
+    let mut third = PREAMBLE.to_vec();
+    encode_frame(&ClientMessage::Hello(Hello::new("0.1.0", 3, false)), &mut third).unwrap();
+    d.send_raw(&third);
+    let w = d.wait_message(|m| match m {
+        DaemonMessage::Welcome(w) => Some(w.clone()),
+        _ => None,
+    });
+    assert_eq!(w.session, 3);
 }

@@ -27,6 +27,9 @@ fn exit_on_eof_exits_zero_at_once_and_removes_its_instance_dir() {
     let st = d.wait_timeout(Duration::from_secs(5)).expect("exits promptly at EOF");
     assert_eq!(st.code(), Some(0), "stderr: {}", d.stderr.text());
     assert_eq!(no_instances(state.path()), Vec::<PathBuf>::new());
+    // All it ever wrote: that nobody holds its stdin stream.
+    assert!(matches!(d.next_event(), Event::Preamble));
+    assert!(matches!(d.next_event(), Event::Message(DaemonMessage::Channel(_))));
     assert!(matches!(d.next_event(), Event::Eof));
 }
 

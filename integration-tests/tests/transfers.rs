@@ -223,10 +223,12 @@ fn flipped_upload(fix_crc: bool) {
     let state = t.path().join("state");
     let marker = t.path().join("command-ran");
     let flip = env!("CARGO_BIN_EXE_flip");
+    let log = state.with_extension("flip.log");
     let via = format!(
-        "exec {} {}-- {}",
+        "exec {} {}--log {} -- {}",
         shell_quote(OsStr::new(flip)),
         if fix_crc { "--fix-crc " } else { "" },
+        shell_quote(log.as_os_str()),
         via_serve(&state).trim_start_matches("exec ")
     );
     let f = run(&[
@@ -239,7 +241,11 @@ fn flipped_upload(fix_crc: bool) {
         &format!("touch {}", shell_quote(marker.as_os_str())),
     ]);
     let err = f.stderr_text();
-    assert!(err.contains("flip: flipped byte"), "nothing was flipped; stderr: {err}");
+    let said = fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        said.contains("flip: flipped byte"),
+        "nothing was flipped; stderr: {err}"
+    );
     assert_eq!(f.code(), 125, "stderr: {err}");
     assert!(err.contains("sha256 mismatch"), "stderr: {err}");
     assert!(!marker.exists(), "the command ran with a damaged upload");
@@ -533,16 +539,22 @@ fn a_damaged_stdin_frame_cancels_the_build_instead_of_feeding_it_a_hole() {
     let input = t.path().join("input");
     fs::write(&input, pseudo_random(300_000, 9)).unwrap();
     let state = t.path().join("state");
+    let log = t.path().join("flip.log");
     let via = format!(
-        "exec {} -- {}",
+        "exec {} --log {} -- {}",
         shell_quote(OsStr::new(env!("CARGO_BIN_EXE_flip"))),
+        shell_quote(log.as_os_str()),
         via_serve(&state).trim_start_matches("exec ")
     );
     let mut cmd = integration_tests::tether(["run", "-i", "--no-reconnect", "--via", &via, "--sh", "wc -c"]);
     cmd.stdin(fs::File::open(&input).unwrap());
     let f = integration_tests::Proc::spawn(&mut cmd).finish(integration_tests::TIMEOUT);
     let err = f.stderr_text();
-    assert!(err.contains("flip: flipped byte"), "nothing was flipped; stderr: {err}");
+    let said = fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        said.contains("flip: flipped byte"),
+        "nothing was flipped; stderr: {err}"
+    );
     assert!(err.contains("lost in transit"), "stderr: {err}");
     assert_eq!(f.code(), 125, "stdout: {} stderr: {err}", f.stdout_text());
     assert_ne!(f.stdout_text().trim(), "234464", "the build ran on the damaged input");
@@ -673,7 +685,7 @@ fn an_upload_that_breaks_off_fails_its_run_and_leaves_nothing_behind() {
         index: 0,
         data: wire::Bytes::from(vec![0; 512]),
     });
-    serve.hello();
+    serve.take_over(0x5e55_1000_0000_0002);
     let mut req = 10;
     assert!(
         integration_tests::wait_until(integration_tests::TIMEOUT, || {

@@ -107,6 +107,7 @@ fn daemon_messages() -> Vec<DaemonMessage> {
                 upload_window: DEFAULT_UPLOAD_WINDOW,
             },
             builds: vec![summary.clone()],
+            session: 0,
         }),
         DaemonMessage::Started(Started {
             req: 1,

@@ -1,9 +1,7 @@
 //! Prints real frames, hex-dumped in `xxd` style, for the "Example" section of
 //! PROTOCOL.md: `cargo run -p tether-protocol --example hello_hex`.
 
-use tether_protocol::{
-    encode_frame, ClientMessage, CommandSpec, Hello, RunSpec, FRAME_HEADER_LEN, PREAMBLE, PROTOCOL_VERSION,
-};
+use tether_protocol::{encode_frame, ClientMessage, CommandSpec, Hello, RunSpec, FRAME_HEADER_LEN, PREAMBLE};
 
 fn xxd(bytes: &[u8]) {
     for (row, chunk) in bytes.chunks(16).enumerate() {
@@ -43,11 +41,7 @@ fn main() {
     println!();
     show(
         "Hello",
-        &ClientMessage::Hello(Hello {
-            protocol: PROTOCOL_VERSION,
-            client_version: "0.1.0".into(),
-            capabilities: vec![],
-        }),
+        &ClientMessage::Hello(Hello::new("0.1.0", 0x0123_4567_89ab_cdef, false)),
     );
     show(
         "Run",

@@ -34,7 +34,7 @@ pub use message::*;
 pub const PREAMBLE: &[u8] = b"<===[TETHER]===>\n";
 
 /// The protocol version this crate speaks. Bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 7;
+pub const PROTOCOL_VERSION: u32 = 8;
 
 /// Largest payload a frame may carry. A header that claims more is corrupt; no reader
 /// ever allocates more than this (plus the header) for one frame.
@@ -54,6 +54,11 @@ pub const DEFAULT_STDIN_WINDOW: u32 = 256 * 1024;
 
 /// Default number of upload bytes a client may have sent and not yet seen acknowledged.
 pub const DEFAULT_UPLOAD_WINDOW: u32 = 8 * 1024 * 1024;
+
+/// How often, at least, a daemon announces who holds its stdin stream while a session
+/// holds it ([`DaemonMessage::Channel`]), in milliseconds: a client that has read the
+/// stream for a little over twice this long without an announcement finds it free.
+pub const CHANNEL_BEACON_MS: u64 = 500;
 
 /// Longest build id a client may choose ([`RunSpec::id`]).
 pub const MAX_BUILD_ID_LEN: usize = 64;

@@ -129,6 +129,10 @@ pub enum ClientMessage {
     /// Tag 18. End the shell: SIGHUP (and SIGCONT) to every process of its session,
     /// SIGKILL after a grace period. [`DaemonMessage::ShellExited`] follows.
     ShellHangUp { shell: RequestId },
+    /// Tag 19. The client is done with this session: the daemon ends it (its builds go
+    /// on) and, on its stdin stream, announces that nobody holds the stream any more
+    /// ([`DaemonMessage::Channel`]), so a client waiting for it can start at once.
+    Goodbye,
 }
 
 /// A SHA-256 digest.
@@ -235,6 +239,33 @@ pub enum DaemonMessage {
     /// of which then ends with [`EndCause::Shutdown`]; the stream closes after that.
     /// Sent once to every session.
     ShuttingDown { reason: String },
+    /// Tag 24. Who holds the daemon's stdin stream (only ever sent there, preceded by a
+    /// preamble so that a client that just joined the stream finds it): when a session
+    /// starts or ends, periodically while one is held, and to refuse a `Hello` that came
+    /// while another client held the stream.
+    Channel(ChannelState),
+}
+
+/// The state of a daemon's stdin stream, shared by every client attached to it
+/// ([`DaemonMessage::Channel`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelState {
+    /// The session that holds the stream, or `None` when it is free.
+    pub holder: Option<Holder>,
+    /// The session nonce of a `Hello` refused because the stream is held (its client
+    /// waits, or takes the stream over with [`Hello::TAKEOVER`]).
+    pub refused: Option<u64>,
+}
+
+/// The client session holding a daemon's stdin stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holder {
+    /// The nonce from its `Hello` ([`Hello::session`]).
+    pub session: u64,
+    /// Its `Hello.client_version`.
+    pub client: String,
+    /// When it started, in milliseconds since the Unix epoch.
+    pub since_ms: u64,
 }
 
 /// A terminal's size in character cells.
@@ -272,15 +303,52 @@ pub enum GapReason {
     WriteFailed,
 }
 
-/// The client's opening message.
+/// The client's opening message. Its shape never changes (see PROTOCOL.md,
+/// "Versioning"), so what later versions add travels in `capabilities`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
     /// [`crate::PROTOCOL_VERSION`] of the client.
     pub protocol: u32,
     /// The client's program version, for messages and logs.
     pub client_version: String,
-    /// Optional features the client understands (none defined yet).
+    /// What the client says of itself: `session=` and 16 lowercase hex digits, its
+    /// session nonce ([`Hello::session`]), and [`Hello::TAKEOVER`].
     pub capabilities: Vec<String>,
+}
+
+impl Hello {
+    /// The capability that asks to take a daemon's stdin stream even while another
+    /// client holds it.
+    pub const TAKEOVER: &'static str = "takeover";
+    const SESSION: &'static str = "session=";
+
+    /// A Hello of this protocol version naming session `nonce`.
+    pub fn new(client_version: &str, nonce: u64, takeover: bool) -> Hello {
+        let mut capabilities = vec![format!("{}{nonce:016x}", Self::SESSION)];
+        if takeover {
+            capabilities.push(Self::TAKEOVER.to_owned());
+        }
+        Hello {
+            protocol: crate::PROTOCOL_VERSION,
+            client_version: client_version.to_owned(),
+            capabilities,
+        }
+    }
+
+    /// The client's session nonce: chosen at random by the client, echoed in
+    /// [`Welcome::session`], so that a client reading a stream shared with others
+    /// (`kubectl attach` broadcasts the daemon's output) knows its own session.
+    pub fn session(&self) -> Option<u64> {
+        self.capabilities.iter().find_map(|c| {
+            let hex = c.strip_prefix(Self::SESSION)?;
+            (hex.len() == 16).then(|| u64::from_str_radix(hex, 16).ok()).flatten()
+        })
+    }
+
+    /// Whether the client asks to take the stream over ([`Hello::TAKEOVER`]).
+    pub fn takeover(&self) -> bool {
+        self.capabilities.iter().any(|c| c == Self::TAKEOVER)
+    }
 }
 
 /// The daemon's answer to [`Hello`].
@@ -292,6 +360,8 @@ pub struct Welcome {
     pub limits: Limits,
     /// Builds the daemon is running right now, of any session.
     pub builds: Vec<BuildSummary>,
+    /// The session nonce of the `Hello` this answers ([`Hello::session`]; 0 without).
+    pub session: u64,
 }
 
 /// Limits the daemon enforces on this session.

@@ -233,6 +233,8 @@ fn client_message() -> impl Strategy<Value = ClientMessage> {
         int().prop_map(|shell| ClientMessage::ShellInputEnd { shell }),
         (int(), window_size()).prop_map(|(shell, size)| ClientMessage::ShellResize { shell, size }),
         int().prop_map(|shell| ClientMessage::ShellHangUp { shell }),
+        Just(ClientMessage::Goodbye),
+        (int(), any::<bool>()).prop_map(|(nonce, takeover)| ClientMessage::Hello(Hello::new("0.1.0", nonce, takeover))),
     ]
     .prop_filter("fits in a frame", fits)
 }
@@ -315,6 +317,7 @@ fn daemon_message() -> impl Strategy<Value = DaemonMessage> {
                     capabilities,
                     limits,
                     builds,
+                    session: 0,
                 })
             }
         ),
@@ -416,6 +419,18 @@ fn daemon_message() -> impl Strategy<Value = DaemonMessage> {
         (int(), exit_status()).prop_map(|(shell, status)| DaemonMessage::ShellExited { shell, status }),
         (build_id(), int()).prop_map(|(build, until_ms)| DaemonMessage::HeldBefore { build, until_ms }),
         ".{0,200}".prop_map(|reason| DaemonMessage::ShuttingDown { reason }),
+        (
+            proptest::option::of((int(), text(), int())),
+            proptest::option::of(int())
+        )
+            .prop_map(|(holder, refused)| DaemonMessage::Channel(ChannelState {
+                holder: holder.map(|(session, client, since_ms)| Holder {
+                    session,
+                    client,
+                    since_ms
+                }),
+                refused,
+            })),
     ]
     .prop_filter("fits in a frame", fits)
 }

@@ -36,6 +36,7 @@ fn client_tag(m: &ClientMessage) -> u8 {
         ClientMessage::ShellInputEnd { .. } => 16,
         ClientMessage::ShellResize { .. } => 17,
         ClientMessage::ShellHangUp { .. } => 18,
+        ClientMessage::Goodbye => 19,
     }
 }
 
@@ -66,11 +67,12 @@ fn daemon_tag(m: &DaemonMessage) -> u8 {
         DaemonMessage::ShellExited { .. } => 21,
         DaemonMessage::HeldBefore { .. } => 22,
         DaemonMessage::ShuttingDown { .. } => 23,
+        DaemonMessage::Channel(_) => 24,
     }
 }
 
-const CLIENT_TAGS: u8 = 19;
-const DAEMON_TAGS: u8 = 24;
+const CLIENT_TAGS: u8 = 20;
+const DAEMON_TAGS: u8 = 25;
 
 fn all_error_kinds() -> Vec<ErrorKind> {
     use ErrorKind::*;
@@ -362,6 +364,8 @@ fn client_messages() -> Vec<ClientMessage> {
             size: WindowSize { rows: 50, cols: 300 },
         },
         ClientMessage::ShellHangUp { shell: 19 },
+        ClientMessage::Goodbye,
+        ClientMessage::Hello(Hello::new("0.1.0", 0x0123_4567_89ab_cdef, true)),
     ]
 }
 
@@ -379,6 +383,7 @@ fn daemon_messages() -> Vec<DaemonMessage> {
                 upload_window: DEFAULT_UPLOAD_WINDOW,
             },
             builds: vec![],
+            session: 0,
         }),
         DaemonMessage::Welcome(Welcome {
             protocol: 2,
@@ -418,6 +423,7 @@ fn daemon_messages() -> Vec<DaemonMessage> {
                     },
                 },
             ],
+            session: 0,
         }),
         DaemonMessage::Ping { nonce: 65_536 },
         DaemonMessage::Pong { nonce: 65_535 },
@@ -601,6 +607,18 @@ fn daemon_messages() -> Vec<DaemonMessage> {
             build: build("b-4"),
             until_ms: 0,
         },
+        DaemonMessage::Channel(ChannelState {
+            holder: Some(Holder {
+                session: u64::MAX,
+                client: "tether 0.1.0".into(),
+                since_ms: 1_700_000_000_000,
+            }),
+            refused: Some(7),
+        }),
+        DaemonMessage::Channel(ChannelState {
+            holder: None,
+            refused: None,
+        }),
         DaemonMessage::ShuttingDown {
             reason: "received SIGTERM".into(),
         },
@@ -719,23 +737,19 @@ fn payload<T: Serialize>(msg: &T) -> Vec<u8> {
 #[test]
 fn example_frames_of_protocol_md() {
     // The two frames dumped in PROTOCOL.md, "Example": keep them in sync.
-    let hello = ClientMessage::Hello(Hello {
-        protocol: 7,
-        client_version: "0.1.0".into(),
-        capabilities: vec![],
-    });
+    let hello = ClientMessage::Hello(Hello::new("0.1.0", 0x0123_4567_89ab_cdef, false));
     let mut f = Vec::new();
     encode_frame(&hello, &mut f).unwrap();
-    assert_eq!(
-        f,
-        [
-            0xf4, 0x54, 0x48, 0x52, 0x09, 0x00, 0x00, 0x00, 0xb3, 0x98, 0xf1, 0xe8, 0x00, 0x07, 0x05, b'0', b'.', b'1',
-            b'.', b'0', 0x00
-        ]
-    );
+    let mut want = vec![
+        0xf4, 0x54, 0x48, 0x52, 0x22, 0x00, 0x00, 0x00, 0x1f, 0x70, 0x2f, 0xc9, 0x00, 0x08, 0x05,
+    ];
+    want.extend_from_slice(b"0.1.0");
+    want.extend_from_slice(&[0x01, 0x18]);
+    want.extend_from_slice(b"session=0123456789abcdef");
+    assert_eq!(f, want);
     assert_eq!(
         tether_protocol::frame::frame_crc(&f[..8], &f[FRAME_HEADER_LEN..]),
-        0xe8f1_98b3
+        0xc92f_701f
     );
     let run = ClientMessage::Run {
         req: 1,
@@ -779,7 +793,7 @@ fn preamble_and_constants() {
     assert_eq!(SYNC_PAD_LEN, 131_084);
     assert_eq!(DEFAULT_STDIN_WINDOW, 262_144);
     assert_eq!(DEFAULT_UPLOAD_WINDOW, 8_388_608);
-    assert_eq!(PROTOCOL_VERSION, 7);
+    assert_eq!(PROTOCOL_VERSION, 8);
 }
 
 #[test]
@@ -963,11 +977,12 @@ fn field_order_of_structs() {
                 expires_at_ms: 4,
             },
         }],
+        session: 0,
     });
     // BuildState::Finished is tag 1; ExitStatus::Code(1) is tag 0 then zigzag 2.
     assert_eq!(
         payload(&w),
-        [0, 1, 1, b'v', 1, 1, b'c', 3, 2, 1, 0, 0, 1, 1, b'b', 1, b'm', 9, 8, 7, 1, 0, 2, 0, 6, 5, 4]
+        [0, 1, 1, b'v', 1, 1, b'c', 3, 2, 1, 0, 0, 1, 1, b'b', 1, b'm', 9, 8, 7, 1, 0, 2, 0, 6, 5, 4, 0]
     );
     let a = ClientMessage::Attach {
         req: 3,
@@ -1125,6 +1140,7 @@ fn shell_messages_bytes() {
         [17, 5, 50, 251, 0x2c, 0x01]
     );
     assert_eq!(payload(&ClientMessage::ShellHangUp { shell: 5 }), [18, 5]);
+    assert_eq!(payload(&ClientMessage::Goodbye), [19]);
     assert_eq!(payload(&WindowSize { rows: 24, cols: 80 }), [24, 80]);
     assert_eq!(
         payload(&WindowSize {
@@ -1683,6 +1699,7 @@ fn welcome(protocol: u32, version: &str) -> Welcome {
             upload_window: DEFAULT_UPLOAD_WINDOW,
         },
         builds: vec![],
+        session: 0,
     }
 }
 
@@ -1733,4 +1750,27 @@ fn version_mismatch_travels_as_an_error_report() {
     let p = payload(&report);
     assert_eq!(&p[..4], [1, 0, 0, 0]);
     assert_eq!(decode::<DaemonMessage>(&p).unwrap(), report);
+}
+
+#[test]
+fn a_hello_carries_its_session_nonce_and_takeover_as_capabilities() {
+    let h = Hello::new("0.9.0", 0x00ab_cdef_0123_4567, false);
+    assert_eq!(h.protocol, PROTOCOL_VERSION);
+    assert_eq!(h.capabilities, vec!["session=00abcdef01234567".to_owned()]);
+    assert_eq!((h.session(), h.takeover()), (Some(0x00ab_cdef_0123_4567), false));
+    let t = Hello::new("0.9.0", 1, true);
+    assert_eq!((t.session(), t.takeover()), (Some(1), true));
+    // Malformed or missing nonces are no nonce at all.
+    for caps in [
+        vec![],
+        vec!["session=12".to_owned()],
+        vec!["session=zzzzzzzzzzzzzzzz".to_owned()],
+    ] {
+        let h = Hello {
+            protocol: PROTOCOL_VERSION,
+            client_version: "x".into(),
+            capabilities: caps,
+        };
+        assert_eq!(h.session(), None);
+    }
 }

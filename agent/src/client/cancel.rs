@@ -6,16 +6,14 @@ use tether_protocol::{BuildId, ClientMessage};
 use super::connect::connect_existing;
 use crate::cli::CancelArgs;
 
-const REQ: u64 = 1;
-
 pub async fn cancel(args: CancelArgs) -> anyhow::Result<i32> {
     let mut conn = connect_existing(&args.connect).await?;
     let msg = ClientMessage::Cancel {
-        req: REQ,
+        req: super::reqs::req(1),
         build: BuildId(args.id.clone()),
         force: args.kill,
     };
-    let reply = conn.request(&msg, REQ).await;
+    let reply = conn.request(&msg, super::reqs::req(1)).await;
     conn.close().await;
     reply?;
     Ok(0)

@@ -4,18 +4,32 @@
 //!
 //! The spawned process gets its own process group, so a Ctrl-C at the terminal reaches
 //! only this client, which then cancels the build through the protocol instead of
-//! losing its connection. Through `--via`, the client first sends
-//! [`tether_protocol::SYNC_PAD_LEN`] zero bytes: the stream may be one that an earlier
-//! client abandoned in the middle of a frame (PROTOCOL.md, "Takeover").
+//! losing its connection.
+//!
+//! Through `--via`, the stream is usually a daemon's stdin shared with other clients
+//! (`kubectl attach`: everyone sees all the daemon writes, everyone's bytes land in its
+//! one stdin). So the client first listens: while another session holds the stream the
+//! daemon says so every half second, and the client writes nothing until it is free (or
+//! `--takeover`). Then it sends [`tether_protocol::SYNC_PAD_LEN`] zero bytes (the stream
+//! may be one that an earlier client abandoned in the middle of a frame), its preamble
+//! and a Hello with its session nonce, and takes for its own only what follows the
+//! Welcome that echoes that nonce. When it sees the stream pass to another session, it
+//! stops writing at once and reports the connection lost: nothing another session
+//! receives is ever taken for its own. It says `Goodbye` when done, which frees the
+//! stream for the next client at once. The `--via` command's stderr is not passed on (it
+//! carries the daemon's log, shared by every attached client); its last lines are shown
+//! only when the command fails before a session began.
 
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use tether_protocol::{
     self as wire, check_welcome, ClientMessage, DaemonMessage, Hello, Welcome, PREAMBLE, SYNC_PAD_LEN,
 };
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
@@ -36,6 +50,29 @@ const VIA_CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// The client's version, sent in Hello.
 pub const CLIENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// How long a client reads a `--via` stream before it concludes that nobody holds it:
+/// a little more than two of the daemon's announcements.
+const OBSERVE: Duration = Duration::from_millis(wire::CHANNEL_BEACON_MS * 2 + 200);
+
+/// Clients that find a shared stream free at the same moment (several were waiting for
+/// it) would all write at once; each first listens a random moment up to this long, and
+/// stands back if another's session starts meanwhile.
+const TAKE_TURN: Duration = Duration::from_millis(400);
+
+/// How long a Hello on a shared stream waits for its Welcome before it is sent again
+/// (another client's bytes may have cut it).
+const HELLO_WAIT: Duration = Duration::from_secs(3);
+
+/// Lines of a `--via` command's stderr kept for an error message.
+const STDERR_LINES: usize = 8;
+
+/// This client's session nonce: one per process, so that after a lost connection the
+/// client recognises the session the daemon still thinks it holds as its own.
+pub fn session_nonce() -> u64 {
+    static NONCE: OnceLock<u64> = OnceLock::new();
+    *NONCE.get_or_init(crate::ids::random_u64)
+}
+
 /// An open session with a daemon.
 pub struct Connection {
     pub inbound: mpsc::Receiver<Inbound<DaemonMessage>>,
@@ -44,7 +81,7 @@ pub struct Connection {
     /// Sends our heartbeats; ended with the connection.
     pinger: Option<tokio::task::JoinHandle<()>>,
     /// The spawned daemon or `--via` command; `None` on a socket.
-    child: Option<Child>,
+    child: Option<Spawned>,
     /// Whether `child` is a `--via` command (see [`VIA_CLOSE_TIMEOUT`]).
     via: bool,
     what: String,
@@ -56,13 +93,17 @@ type Stream = Box<dyn AsyncWrite + Send + Unpin>;
 /// client busy writing its own output (or blocked on it) still shows it is alive.
 #[derive(Clone)]
 pub struct FrameWriter {
-    stdin: std::sync::Arc<tokio::sync::Mutex<Stream>>,
+    stdin: Arc<tokio::sync::Mutex<Stream>>,
+    /// Cleared when the stream passed to another session: from then on nothing is
+    /// written (our bytes would cut the new holder's frames).
+    open: Arc<AtomicBool>,
 }
 
 impl FrameWriter {
     fn new(stdin: Stream) -> FrameWriter {
         FrameWriter {
-            stdin: std::sync::Arc::new(tokio::sync::Mutex::new(stdin)),
+            stdin: Arc::new(tokio::sync::Mutex::new(stdin)),
+            open: Arc::new(AtomicBool::new(true)),
         }
     }
 
@@ -76,6 +117,11 @@ impl FrameWriter {
 
     async fn send_raw(&self, bytes: &[u8]) -> std::io::Result<()> {
         let mut stdin = self.stdin.lock().await;
+        if !self.open.load(Ordering::SeqCst) {
+            return Err(std::io::Error::other(
+                "the daemon's stdin stream passed to another client",
+            ));
+        }
         stdin.write_all(bytes).await?;
         stdin.flush().await
     }
@@ -147,15 +193,326 @@ pub async fn connect(args: &ConnectArgs) -> anyhow::Result<Connection> {
     };
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(if via { Stdio::piped() } else { Stdio::inherit() })
         .process_group(0);
-    let mut child = cmd.spawn().with_context(|| format!("cannot start {what}"))?;
+    let mut child = Spawned(cmd.spawn().with_context(|| format!("cannot start {what}"))?);
     let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
         bail!("{what} has no stdio pipes");
     };
+    let said = ViaStderr::default();
+    if let Some(stderr) = child.stderr.take() {
+        tokio::spawn(said.clone().collect(stderr));
+    }
     let (tx, inbound) = mpsc::channel(64);
     tokio::spawn(read_async::<DaemonMessage>(stdout, tx));
-    handshake(inbound, Box::new(stdin), Some(child), what, via).await
+    if !via {
+        return handshake(inbound, Box::new(stdin), Some(child), what, false).await;
+    }
+    shared_handshake(inbound, Box::new(stdin), child, what, args, said).await
+}
+
+/// The spawned daemon or `--via` command, leader of its own process group. Dropped while
+/// it still runs (the client left in the middle of a handshake, at a signal), its whole
+/// group gets SIGTERM: nothing it started outlives the client.
+struct Spawned(Child);
+
+impl std::ops::Deref for Spawned {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Spawned {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if let (Ok(None), Some(pid)) = (self.0.try_wait(), self.0.id()) {
+            let group = nix::unistd::Pid::from_raw(pid as i32);
+            let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGTERM);
+        }
+    }
+}
+
+/// The last lines a `--via` command wrote to its stderr, for an error message. Lines of
+/// a tether daemon's log (a daemon's stderr reaches every client attached to it) are
+/// left out: they are not this client's.
+#[derive(Clone, Default)]
+struct ViaStderr(Arc<Mutex<std::collections::VecDeque<String>>>);
+
+impl ViaStderr {
+    async fn collect(self, stderr: tokio::process::ChildStderr) {
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            tracing::debug!(line = %line.chars().take(200).collect::<String>(), "--via stderr");
+            if is_daemon_log_line(&line) || line.trim().is_empty() {
+                continue;
+            }
+            let mut kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            if kept.len() == STDERR_LINES {
+                kept.pop_front();
+            }
+            kept.push_back(line.chars().take(200).collect());
+        }
+    }
+
+    /// `": LINE | LINE"`, or nothing.
+    fn said(&self) -> String {
+        let kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if kept.is_empty() {
+            String::new()
+        } else {
+            format!("; it said: {}", kept.iter().cloned().collect::<Vec<_>>().join(" | "))
+        }
+    }
+}
+
+/// A line of a tether daemon's log: `2026-12-06T03:21:09.123456Z  INFO ...`.
+fn is_daemon_log_line(line: &str) -> bool {
+    let mut words = line.split_whitespace();
+    let (Some(time), Some(level)) = (words.next(), words.next()) else {
+        return false;
+    };
+    time.len() > 20
+        && time.as_bytes()[4] == b'-'
+        && time.ends_with('Z')
+        && matches!(level, "TRACE" | "DEBUG" | "INFO" | "WARN" | "ERROR")
+}
+
+/// How the client found a shared stream before writing to it.
+enum Found {
+    /// Nobody holds it: the daemon said so (`announced`), or said nothing for
+    /// [`OBSERVE`].
+    Free { announced: bool },
+    /// The daemon still thinks our own earlier session (a connection that broke) holds
+    /// it, or the client takes it over (`--takeover`).
+    OursStill,
+}
+
+/// Opens a session on a stream other clients may share: waits until nobody holds it,
+/// then the handshake; refused or beaten to it, it waits again.
+async fn shared_handshake(
+    mut inbound: mpsc::Receiver<Inbound<DaemonMessage>>,
+    stdin: Box<dyn AsyncWrite + Send + Unpin>,
+    child: Spawned,
+    what: String,
+    args: &ConnectArgs,
+    said: ViaStderr,
+) -> anyhow::Result<Connection> {
+    let nonce = session_nonce();
+    let writer = FrameWriter::new(stdin);
+    let mut conn = Connection {
+        inbound: mpsc::channel(1).1,
+        writer,
+        welcome: placeholder_welcome(),
+        pinger: None,
+        child: Some(child),
+        via: true,
+        what,
+    };
+    let deadline = tokio::time::Instant::now() + args.wait_channel;
+    // The daemon must answer something within this long (it may still be starting).
+    let answer_by = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+    let result: anyhow::Result<Welcome> = async {
+        loop {
+            let found = if args.takeover {
+                Found::OursStill
+            } else {
+                wait_until_free(&mut inbound, nonce, deadline, &conn.what, &said).await?
+            };
+            // Completing a frame an earlier client may have left half-written only when
+            // nobody said the stream was free: after a Goodbye it ends at a frame, and a
+            // short opening goes into the stream in one piece, never inside another's.
+            let mut opening = match found {
+                Found::Free { announced: true } => Vec::new(),
+                _ => vec![0u8; SYNC_PAD_LEN],
+            };
+            opening.extend_from_slice(PREAMBLE);
+            push_frame(
+                &mut opening,
+                &ClientMessage::Hello(Hello::new(CLIENT_VERSION, nonce, matches!(found, Found::OursStill))),
+            )?;
+            // A command that died at once closed its stdin; the answer below says why.
+            let _ = conn.writer.send_raw(&opening).await;
+            match tokio::time::timeout(HELLO_WAIT, await_own_welcome(&mut inbound, nonce, &conn.what, &said)).await {
+                Ok(Ok(Some(welcome))) => return Ok(welcome),
+                // Refused, or another client's Hello got there first: wait again.
+                Ok(Ok(None)) => continue,
+                Ok(Err(e)) => return Err(e),
+                // Our Hello may have been cut by another client's bytes: again.
+                Err(_) if tokio::time::Instant::now() < answer_by => continue,
+                Err(_) => bail!(
+                    "no answer from {} within {:?}{}",
+                    conn.what,
+                    HANDSHAKE_TIMEOUT,
+                    said.said()
+                ),
+            }
+        }
+    }
+    .await;
+    match result {
+        Ok(welcome) => {
+            let (tx, filtered) = mpsc::channel(64);
+            tokio::spawn(own_session(inbound, tx, nonce, conn.writer.open.clone()));
+            conn.inbound = filtered;
+            let every = Duration::from_millis(u64::from(welcome.limits.heartbeat_ms.max(100)));
+            conn.welcome = welcome;
+            conn.pinger = Some(tokio::spawn(heartbeat(conn.writer.clone(), every)));
+            Ok(conn)
+        }
+        Err(e) => {
+            conn.abort().await;
+            Err(e)
+        }
+    }
+}
+
+/// Reads a shared stream, writing nothing, until nobody holds it: no announcement for
+/// [`OBSERVE`], or one that says so; then a random moment more (up to [`TAKE_TURN`]) in
+/// which no other session may start.
+async fn wait_until_free(
+    inbound: &mut mpsc::Receiver<Inbound<DaemonMessage>>,
+    nonce: u64,
+    deadline: tokio::time::Instant,
+    what: &str,
+    said: &ViaStderr,
+) -> anyhow::Result<Found> {
+    let mut quiet_until = tokio::time::Instant::now() + OBSERVE;
+    // Set once the stream looks free: the turn ends then, unless someone starts.
+    let mut turn: Option<(tokio::time::Instant, bool)> = None;
+    let mut told = false;
+    loop {
+        let wake = match turn {
+            Some((at, _)) => at,
+            None => quiet_until,
+        };
+        let item = tokio::select! {
+            item = inbound.recv() => item,
+            _ = tokio::time::sleep_until(wake) => match turn {
+                Some((_, announced)) => return Ok(Found::Free { announced }),
+                None => {
+                    turn = Some((tokio::time::Instant::now() + random_below(TAKE_TURN), false));
+                    continue;
+                }
+            },
+            _ = tokio::time::sleep_until(deadline) => bail!(
+                "another client held the daemon's stdin stream for longer than --wait-channel; \
+                 --takeover takes it (for a holder known to be dead), and a private channel \
+                 (`--via 'kubectl exec -i POD -c CTR -- tether dial-stdio --socket PATH'`) needs no waiting"
+            ),
+        };
+        let holder = match item {
+            Some(Inbound::Message(DaemonMessage::Channel(state))) => match state.holder {
+                None => {
+                    if turn.is_none() {
+                        turn = Some((tokio::time::Instant::now() + random_below(TAKE_TURN), true));
+                    }
+                    continue;
+                }
+                Some(h) if h.session == nonce => return Ok(Found::OursStill),
+                Some(h) => Some(h),
+            },
+            // Another session started: it holds the stream now.
+            Some(Inbound::Message(DaemonMessage::Welcome(w))) if w.session != nonce => None,
+            Some(Inbound::Message(_) | Inbound::Preamble | Inbound::Corrupt(_) | Inbound::Undecodable(_)) => continue,
+            None | Some(Inbound::Eof(_) | Inbound::Failed(_)) => {
+                bail!("{what} ended before the daemon answered{}", said.said())
+            }
+        };
+        turn = None;
+        quiet_until = tokio::time::Instant::now() + OBSERVE;
+        if let (Some(h), false) = (holder, told) {
+            told = true;
+            eprintln!(
+                "tether: the daemon's stdin stream is held by another client ({}, session {:016x}) since {}; \
+                 waiting for it (--takeover takes it now)",
+                h.client,
+                h.session,
+                clock(h.since_ms)
+            );
+        }
+    }
+}
+
+/// A random duration below `limit`.
+fn random_below(limit: Duration) -> Duration {
+    Duration::from_nanos(crate::ids::random_u64() % (limit.as_nanos().max(1) as u64))
+}
+
+/// `HH:MM:SS UTC` of a time in milliseconds since the epoch.
+pub fn clock(ms: u64) -> String {
+    let secs = ms / 1000 % 86400;
+    format!("{:02}:{:02}:{:02} UTC", secs / 3600, secs / 60 % 60, secs % 60)
+}
+
+/// Waits for the Welcome that echoes `nonce`; `None` when this Hello was refused or
+/// another client's session started instead (the caller waits for the stream again).
+async fn await_own_welcome(
+    inbound: &mut mpsc::Receiver<Inbound<DaemonMessage>>,
+    nonce: u64,
+    what: &str,
+    said: &ViaStderr,
+) -> anyhow::Result<Option<Welcome>> {
+    loop {
+        match inbound.recv().await {
+            Some(Inbound::Message(DaemonMessage::Welcome(w))) if w.session == nonce => {
+                check_welcome(&w, CLIENT_VERSION)?;
+                tracing::debug!(daemon = %w.daemon_version, running = w.builds.len(), "connected");
+                return Ok(Some(w));
+            }
+            Some(Inbound::Message(DaemonMessage::Welcome(_))) => return Ok(None),
+            Some(Inbound::Message(DaemonMessage::Channel(state))) if state.refused == Some(nonce) => return Ok(None),
+            // Only a version mismatch is sure to answer a Hello: any other error on a
+            // shared stream may be another session's.
+            Some(Inbound::Message(DaemonMessage::Error(e))) if e.kind == wire::ErrorKind::VersionMismatch => {
+                bail!("{}", e.message)
+            }
+            Some(_) => {}
+            None => bail!("{what} ended before the daemon answered{}", said.said()),
+        }
+    }
+}
+
+/// Passes on what belongs to session `nonce`, and ends the connection (with a reason)
+/// when the stream passes to another session, closing `open` first.
+async fn own_session(
+    mut raw: mpsc::Receiver<Inbound<DaemonMessage>>,
+    tx: mpsc::Sender<Inbound<DaemonMessage>>,
+    nonce: u64,
+    open: Arc<AtomicBool>,
+) {
+    while let Some(item) = raw.recv().await {
+        let lost = match &item {
+            Inbound::Message(DaemonMessage::Welcome(w)) if w.session != nonce => Some(format!(
+                "another client (session {:016x}) took over the daemon's stdin stream",
+                w.session
+            )),
+            Inbound::Message(DaemonMessage::Channel(state)) => match &state.holder {
+                Some(h) if h.session == nonce => continue,
+                Some(h) => Some(format!(
+                    "another client ({}, session {:016x}) took over the daemon's stdin stream",
+                    h.client, h.session
+                )),
+                None => Some("the daemon ended this session on its stdin stream".to_owned()),
+            },
+            Inbound::Preamble => continue,
+            _ => None,
+        };
+        if let Some(why) = lost {
+            open.store(false, Ordering::SeqCst);
+            tracing::debug!("{why}");
+            let _ = tx.send(Inbound::Failed(std::io::Error::other(why))).await;
+            return;
+        }
+        if tx.send(item).await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Opens the session: preamble and Hello, then waits for Welcome. A `via` stream may be
@@ -163,7 +520,7 @@ pub async fn connect(args: &ConnectArgs) -> anyhow::Result<Connection> {
 async fn handshake(
     inbound: mpsc::Receiver<Inbound<DaemonMessage>>,
     stdin: Box<dyn AsyncWrite + Send + Unpin>,
-    child: Option<Child>,
+    child: Option<Spawned>,
     what: String,
     via: bool,
 ) -> anyhow::Result<Connection> {
@@ -172,11 +529,7 @@ async fn handshake(
     opening.extend_from_slice(PREAMBLE);
     push_frame(
         &mut opening,
-        &ClientMessage::Hello(Hello {
-            protocol: wire::PROTOCOL_VERSION,
-            client_version: CLIENT_VERSION.to_owned(),
-            capabilities: Vec::new(),
-        }),
+        &ClientMessage::Hello(Hello::new(CLIENT_VERSION, session_nonce(), false)),
     )?;
     // A daemon that died at once closes its stdin; the handshake below says why.
     let _ = writer.send_raw(&opening).await;
@@ -221,6 +574,7 @@ fn placeholder_welcome() -> Welcome {
             upload_window: 0,
         },
         builds: Vec::new(),
+        session: 0,
     }
 }
 
@@ -299,6 +653,9 @@ impl Connection {
             p.abort();
             let _ = p.await;
         }
+        // Frees a shared stream for the next client at once (ignored when it passed to
+        // another client already: nothing is written then).
+        let _ = writer.send(&ClientMessage::Goodbye).await;
         writer.shutdown().await;
         drop(writer);
         let Some(mut child) = child else { return };
@@ -322,6 +679,25 @@ impl Connection {
                 let _ = child.kill().await;
             }
         }
+    }
+
+    /// Ends the session without waiting for the spawned daemon or `--via` command (a
+    /// client leaving at a signal): `Goodbye`, its stdin closed, then SIGTERM to its
+    /// process group, which it ends on its own (a spawned daemon cancels its builds).
+    pub async fn leave(self) {
+        let Connection {
+            writer, pinger, child, ..
+        } = self;
+        if let Some(p) = pinger {
+            p.abort();
+        }
+        let goodbye = async {
+            let _ = writer.send(&ClientMessage::Goodbye).await;
+            writer.shutdown().await;
+        };
+        let _ = tokio::time::timeout(Duration::from_millis(100), goodbye).await;
+        // `Spawned`'s drop signals the group.
+        drop(child);
     }
 
     async fn abort(&mut self) {

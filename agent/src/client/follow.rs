@@ -3,35 +3,44 @@
 //!
 //! The client remembers the build-wide position after the last byte it printed. When
 //! the stream breaks or the daemon goes silent past the heartbeat timeout, and
-//! reconnecting is on, it connects again (backoff from 100 ms doubling to 5 s, for at
-//! most `--reconnect-timeout`) and asks for the build from that position: nothing is
-//! printed twice, nothing is missed, and the exit code is the build's. A `run` whose
-//! build had not been confirmed yet sends its `Run` again with the same id, which the
-//! daemon answers by following the build if it was started after all: a retry never
-//! runs a build twice.
+//! reconnecting is on, it connects again (backoff from 100 ms doubling to 5 s, with
+//! jitter) and asks for the build from that position: nothing is printed twice, nothing
+//! is missed, and the exit code is the build's. `--reconnect-timeout` counts from the
+//! first failure until a connection makes progress again (the daemon answers for the
+//! build), so a daemon that accepts connections and drops them at once cannot keep the
+//! client for longer. A `run` whose build had not been confirmed yet sends its `Run`
+//! again with the same id, which the daemon answers by following the build if it was
+//! started after all: a retry never runs a build twice.
+//!
+//! SIGINT, SIGTERM and SIGHUP end the client within a second in every state. A `run`
+//! whose build started asks the daemon to cancel it first (a second Ctrl-C forces) and
+//! waits for its end at most [`LEAVE_WAIT`]; `attach` and `logs` only watch, and leave
+//! at once.
 
 use std::io::Read;
 use std::os::fd::AsFd;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail};
+use anyhow::anyhow;
 use tether_protocol::{self as wire, BuildId, ClientMessage, DaemonMessage, ErrorKind, RunSpec};
-use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
 
-use super::connect::{connect, Connection};
+use super::connect::{clock, connect, Connection};
 use super::exit;
 use super::output::Output;
+use super::reqs::req;
+use super::signals::{self, Signals, LEAVE_WAIT};
 use super::transfer::{self, Download, Progress as Bar, Receiving, UpItem, Upload};
 use crate::cli::ConnectArgs;
 use crate::wire::Inbound;
 
-const MAIN_REQ: u64 = 1;
-const CANCEL_REQ: u64 = 2;
-const RELEASE_REQ: u64 = 3;
-/// Download `i` of a run is request `DOWNLOAD_REQ + i`.
-const DOWNLOAD_REQ: u64 = 100;
+/// Request id offsets ([`super::reqs`]): the run, attach or logs request itself.
+const MAIN: u32 = 1;
+const CANCEL: u32 = 2;
+const RELEASE: u32 = 3;
+/// Download `i` of a run is request `DOWNLOAD + i`.
+const DOWNLOAD: u32 = 100;
 
 /// First and largest pause between reconnection attempts.
 const BACKOFF_START: Duration = Duration::from_millis(100);
@@ -97,6 +106,14 @@ struct Progress {
     /// The build failed and is held for a person (`--hold-on-failure`): no release
     /// after the downloads; the hold's end (a release, its expiry) ends the run.
     debug_hold: bool,
+    /// The daemon answered for the build on this connection (it works again: a later
+    /// loss starts a new `--reconnect-timeout`).
+    advanced: bool,
+    /// A signal asked the client to leave: which, and when it leaves at the latest.
+    leaving: Option<(i32, Instant)>,
+    /// The request that opened this connection's session (the `Run`, `Attach`) was
+    /// answered.
+    answered: bool,
 }
 
 /// A session's upload in progress.
@@ -131,14 +148,29 @@ pub async fn follow(goal: Goal, connect_args: &ConnectArgs, out: &mut Output) ->
         downloads_done: 0,
         transfer_failed: false,
         debug_hold: false,
+        advanced: false,
+        leaving: None,
+        answered: false,
     };
     if let Goal::Attach { from: Some(from), .. } = goal {
         out.seek(from);
     }
-    let mut conn = connect(connect_args).await?;
+    let mut signals = Signals::new()?;
+    let mut conn = tokio::select! {
+        conn = connect(connect_args) => conn?,
+        sig = signals.recv() => return Ok(leave_unconnected(sig, &goal, &progress)),
+    };
+    // Since when the client has been trying to get a working connection back.
+    let mut lost_since: Option<Instant> = None;
+    let mut pause = BACKOFF_START;
     loop {
-        let result = session(&mut conn, &goal, &mut progress, out, connect_args).await;
+        progress.advanced = false;
+        let result = session(&mut conn, &goal, &mut progress, out, connect_args, &mut signals).await;
         match result {
+            Ok(code) if progress.leaving.is_some() => {
+                conn.leave().await;
+                return Ok(code);
+            }
             Ok(code) => {
                 conn.close().await;
                 return Ok(code);
@@ -146,7 +178,19 @@ pub async fn follow(goal: Goal, connect_args: &ConnectArgs, out: &mut Output) ->
             Err(Stop::Lost(e)) if reconnect => {
                 tracing::warn!("{}: {e:#}; reconnecting", conn.describe());
                 conn.close().await;
-                conn = reconnect_with_backoff(connect_args, e).await?;
+                if progress.advanced {
+                    lost_since = None;
+                    pause = BACKOFF_START;
+                }
+                let deadline = *lost_since.get_or_insert_with(Instant::now) + connect_args.reconnect_timeout;
+                conn = tokio::select! {
+                    conn = reconnect_with_backoff(connect_args, e, deadline, &mut pause) => conn?,
+                    sig = signals.recv() => return Ok(leave_unconnected(sig, &goal, &progress)),
+                    _ = sleep_until(progress.leaving.map_or_else(far_future, |(_, at)| at)), if progress.leaving.is_some() => {
+                        let sig = progress.leaving.map_or(libc::SIGTERM, |(sig, _)| sig);
+                        return Ok(leave_unconnected(sig, &goal, &progress));
+                    }
+                };
             }
             Err(Stop::Lost(e) | Stop::Fatal(e)) => {
                 conn.close().await;
@@ -156,30 +200,62 @@ pub async fn follow(goal: Goal, connect_args: &ConnectArgs, out: &mut Output) ->
     }
 }
 
-async fn reconnect_with_backoff(args: &ConnectArgs, why: anyhow::Error) -> anyhow::Result<Connection> {
-    let deadline = Instant::now() + args.reconnect_timeout;
-    let mut pause = BACKOFF_START;
+/// A signal while there is no connection: nothing can be asked of the daemon. Says what
+/// is left behind; returns the exit code.
+fn leave_unconnected(sig: i32, goal: &Goal, progress: &Progress) -> i32 {
+    match (goal, progress.build.as_ref().or(progress.preparing.as_ref())) {
+        (Goal::Run { .. }, Some(build)) => eprintln!(
+            "tether: {} while not connected to the daemon; build {build} may still be running \
+             (`tether cancel {build}` stops it, `tether attach {build}` follows it)",
+            signals::name(sig)
+        ),
+        _ => eprintln!("tether: {}; leaving", signals::name(sig)),
+    }
+    signals::exit_code(sig)
+}
+
+/// Connects again after a pause that doubles from [`BACKOFF_START`] to [`BACKOFF_MAX`]
+/// (each one jittered, so that clients that lost the same daemon do not all come back
+/// at once), until `deadline`.
+async fn reconnect_with_backoff(
+    args: &ConnectArgs,
+    why: anyhow::Error,
+    deadline: Instant,
+    pause: &mut Duration,
+) -> anyhow::Result<Connection> {
     let mut last = why;
+    let give_up = |last: &anyhow::Error| {
+        anyhow!(
+            "lost the connection to the daemon and could not get it back within {}: {last:#}",
+            humantime::format_duration(args.reconnect_timeout)
+        )
+    };
     loop {
-        if Instant::now() + pause > deadline {
-            bail!(
-                "lost the connection to the daemon and could not reconnect within {}: {last:#}",
-                humantime::format_duration(args.reconnect_timeout)
-            );
+        let wait = jittered(*pause);
+        if Instant::now() + wait > deadline {
+            return Err(give_up(&last));
         }
-        tokio::time::sleep(pause).await;
-        match connect(args).await {
-            Ok(conn) => {
+        tokio::time::sleep(wait).await;
+        *pause = (*pause * 2).min(BACKOFF_MAX);
+        match tokio::time::timeout_at(deadline, connect(args)).await {
+            Ok(Ok(conn)) => {
                 tracing::info!("reconnected");
                 return Ok(conn);
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 tracing::debug!("reconnecting failed: {e:#}");
                 last = e;
             }
+            Err(_) => return Err(give_up(&last)),
         }
-        pause = (pause * 2).min(BACKOFF_MAX);
     }
+}
+
+/// Between half of `pause` and all of it.
+fn jittered(pause: Duration) -> Duration {
+    let half = pause / 2;
+    let spread = half.as_nanos().max(1) as u64;
+    half + Duration::from_nanos(crate::ids::random_u64() % spread)
 }
 
 /// Stdin forwarding state.
@@ -222,18 +298,18 @@ async fn recv_stdin(stdin: &mut Option<StdinFwd>) -> Option<Vec<u8>> {
 async fn open(conn: &Connection, goal: &Goal, progress: &Progress, out: &Output) -> Result<(), Stop> {
     let msg = match (goal, &progress.build) {
         (Goal::Run { spec, detach, .. }, None) => ClientMessage::Run {
-            req: MAIN_REQ,
+            req: req(MAIN),
             spec: Box::new(spec.clone()),
             follow: !detach,
         },
         (Goal::Logs { .. }, Some(build)) => ClientMessage::Attach {
-            req: MAIN_REQ,
+            req: req(MAIN),
             build: build.clone(),
             from: out.position(),
             follow: false,
         },
         (_, Some(build)) => ClientMessage::Attach {
-            req: MAIN_REQ,
+            req: req(MAIN),
             build: build.clone(),
             from: if progress.positioned { out.position() } else { u64::MAX },
             follow: true,
@@ -250,12 +326,11 @@ async fn session(
     progress: &mut Progress,
     out: &mut Output,
     args: &ConnectArgs,
+    signals: &mut Signals,
 ) -> Result<i32, Stop> {
+    progress.answered = false;
     open(conn, goal, progress, out).await?;
     let cancels_on_signal = matches!(goal, Goal::Run { .. });
-    let mut sigint = signal(SignalKind::interrupt()).map_err(|e| Stop::Fatal(e.into()))?;
-    let mut sigterm = signal(SignalKind::terminate()).map_err(|e| Stop::Fatal(e.into()))?;
-    let mut sighup = signal(SignalKind::hangup()).map_err(|e| Stop::Fatal(e.into()))?;
     if cancels_on_signal {
         if let (Some(b), c @ 1..) = (&progress.build, progress.cancels) {
             send_cancel(conn, b, c > 1).await?;
@@ -289,7 +364,8 @@ async fn session(
                         tracing::warn!(error = %e, "undecodable frame from the daemon skipped");
                         continue;
                     }
-                    None | Some(Inbound::Eof(_)) | Some(Inbound::Failed(_)) => {
+                    Some(Inbound::Failed(e)) => return Err(Stop::Lost(anyhow!("{e}"))),
+                    None | Some(Inbound::Eof(_)) => {
                         return Err(Stop::Lost(anyhow!("the connection closed before the build finished")));
                     }
                 };
@@ -330,24 +406,45 @@ async fn session(
                     humantime::format_duration(silence)
                 )));
             }
-            _ = sigint.recv() => 2,
-            _ = sigterm.recv() => 1,
-            _ = sighup.recv() => 1,
+            sig = signals.recv() => sig,
+            _ = sleep_until(progress.leaving.map_or_else(far_future, |(_, at)| at)), if progress.leaving.is_some() => {
+                let sig = progress.leaving.map_or(libc::SIGTERM, |(sig, _)| sig);
+                if let Some(b) = progress.build.as_ref().or(progress.preparing.as_ref()) {
+                    eprintln!(
+                        "tether: {}: build {b} is being cancelled (SIGTERM, then SIGKILL after its grace period); \
+                         not waiting for its end (`tether attach {b}` follows it)",
+                        signals::name(sig)
+                    );
+                }
+                return Ok(signals::exit_code(sig));
+            }
         };
         if !cancels_on_signal {
             // attach and logs only watch: a signal ends them, never the build.
-            return Ok(128 + if signalled == 2 { libc::SIGINT } else { libc::SIGTERM });
+            return Ok(signals::exit_code(signalled));
         }
         // A second Ctrl-C forces; SIGTERM/SIGHUP ask for a graceful cancel.
-        progress.cancels = if signalled == 2 {
+        progress.cancels = if signalled == libc::SIGINT {
             (progress.cancels + 1).min(2)
         } else {
             progress.cancels.max(1)
         };
-        if let Some(b) = progress.build.as_ref().or(progress.preparing.as_ref()) {
-            send_cancel(conn, b, progress.cancels > 1).await?;
+        if progress.leaving.is_none() {
+            progress.leaving = Some((signalled, Instant::now() + LEAVE_WAIT));
+        }
+        match progress.build.as_ref().or(progress.preparing.as_ref()) {
+            Some(b) => send_cancel(conn, b, progress.cancels > 1).await?,
+            // Nothing started yet that we know of: nothing to wait for.
+            None => {
+                eprintln!("tether: {}; leaving before the build started", signals::name(signalled));
+                return Ok(signals::exit_code(signalled));
+            }
         }
     }
+}
+
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(86400 * 365)
 }
 
 async fn recv_upload(up: &mut Option<Uploading>) -> Option<UpItem> {
@@ -372,7 +469,7 @@ async fn on_upload(
             let data = wire::Bytes::from(data);
             conn.writer
                 .send(&ClientMessage::Upload {
-                    req: MAIN_REQ,
+                    req: req(MAIN),
                     index,
                     data,
                 })
@@ -381,7 +478,7 @@ async fn on_upload(
         Some(UpItem::End { index, bytes, sha256 }) => {
             conn.writer
                 .send(&ClientMessage::UploadEnd {
-                    req: MAIN_REQ,
+                    req: req(MAIN),
                     index,
                     bytes,
                     sha256,
@@ -431,7 +528,7 @@ async fn next_download(
         let bar = Bar::new(transfers.progress, &format!("download {}", d.path), None);
         match Receiving::start(d, transfers.limits, bar) {
             Ok(r) => {
-                let req = DOWNLOAD_REQ + progress.downloads_done as u64;
+                let req = req(DOWNLOAD + progress.downloads_done as u32);
                 conn.writer
                     .send(&ClientMessage::Download {
                         req,
@@ -454,7 +551,7 @@ async fn next_download(
     }
     conn.writer
         .send(&ClientMessage::Release {
-            req: RELEASE_REQ,
+            req: req(RELEASE),
             build: build.clone(),
             status: None,
         })
@@ -481,12 +578,6 @@ fn reach(args: &ConnectArgs) -> String {
     }
 }
 
-/// `HH:MM:SS` UTC of a time in milliseconds since the epoch.
-fn clock(ms: u64) -> String {
-    let secs = ms / 1000 % 86400;
-    format!("{:02}:{:02}:{:02} UTC", secs / 3600, secs / 60 % 60, secs % 60)
-}
-
 /// Whether a held status is a failure `--hold-on-failure` holds for (not a cancel).
 fn failed(status: &wire::ExitStatus, cause: wire::EndCause) -> bool {
     match cause {
@@ -509,8 +600,22 @@ async fn on_message(
     args: &ConnectArgs,
 ) -> Result<Option<i32>, Stop> {
     let ours = |b: &BuildId| progress.build.as_ref() == Some(b);
+    if !matches!(
+        msg,
+        DaemonMessage::Ping { .. } | DaemonMessage::Pong { .. } | DaemonMessage::Channel(_) | DaemonMessage::Error(_)
+    ) {
+        progress.advanced = true;
+    }
+    let main = req(MAIN);
+    if matches!(&msg, DaemonMessage::Started(wire::Started { req, .. })
+        | DaemonMessage::Preparing { req, .. }
+        | DaemonMessage::Attached { req, .. }
+        | DaemonMessage::Error(wire::ErrorReport { req: Some(req), .. }) if *req == main)
+    {
+        progress.answered = true;
+    }
     match msg {
-        DaemonMessage::Preparing { req: MAIN_REQ, build } => {
+        DaemonMessage::Preparing { req: r, build } if r == req(MAIN) => {
             tracing::debug!(%build, "preparing");
             progress.preparing = Some(build.clone());
             if let Goal::Run { transfers, .. } = goal {
@@ -540,10 +645,7 @@ async fn on_message(
                 clock(until_ms),
             );
         }
-        DaemonMessage::UploadAck {
-            req: MAIN_REQ,
-            consumed,
-        } => {
+        DaemonMessage::UploadAck { req: r, consumed } if r == req(MAIN) => {
             if let Some(up) = &mut xfer.up {
                 up.acked = consumed;
             }
@@ -600,8 +702,8 @@ async fn on_message(
             eprintln!("tether: {}", e.message);
             download_over(conn, goal, progress, xfer).await?;
         }
-        DaemonMessage::Ack { req: RELEASE_REQ } => tracing::debug!("released"),
-        DaemonMessage::Started(s) if s.req == MAIN_REQ => {
+        DaemonMessage::Ack { req: r } if r == req(RELEASE) => tracing::debug!("released"),
+        DaemonMessage::Started(s) if s.req == req(MAIN) => {
             tracing::debug!(build = %s.build, pid = s.pid, existing = s.existing, "started");
             if s.existing {
                 tracing::info!(build = %s.build, "a build with this id exists; following it from its start");
@@ -633,7 +735,7 @@ async fn on_message(
                 }
             }
         }
-        DaemonMessage::Attached { req: MAIN_REQ, build } => {
+        DaemonMessage::Attached { req: r, build } if r == req(MAIN) => {
             tracing::debug!(build = %build.build, end = build.output_end, "attached");
             if !progress.positioned {
                 out.seek(build.output_end);
@@ -651,6 +753,17 @@ async fn on_message(
                 progress.positioned = true;
             }
             for closed in out.chunk(&build.0, stream, offset, data.into_vec()).await {
+                // Only the client that ran the build may close its output (`run -- yes |
+                // head -1`). A follower whose stdout closed (`attach ID | head -1`)
+                // ends itself as a process in a pipeline would, by SIGPIPE, and leaves
+                // the build alone.
+                if !matches!(goal, Goal::Run { .. }) {
+                    if closed == wire::OutputStream::Stdout {
+                        tracing::debug!("our stdout closed; leaving the build alone");
+                        return Ok(Some(128 + libc::SIGPIPE));
+                    }
+                    continue;
+                }
                 conn.writer
                     .send(&ClientMessage::CloseOutput {
                         build: build.clone(),
@@ -695,13 +808,13 @@ async fn on_message(
             }
             return Ok(Some(code));
         }
-        DaemonMessage::LogEnd { req: MAIN_REQ, .. } => return Ok(Some(0)),
+        DaemonMessage::LogEnd { req: r, .. } if r == req(MAIN) => return Ok(Some(0)),
         DaemonMessage::StdinAck { build, consumed } if ours(&build) => {
             if let Some(s) = stdin {
                 s.acked = consumed;
             }
         }
-        DaemonMessage::Error(e) if e.req == Some(MAIN_REQ) => {
+        DaemonMessage::Error(e) if e.req == Some(req(MAIN)) => {
             if e.kind == ErrorKind::UnknownBuild && progress.positioned && out.position() > 0 {
                 return Err(Stop::Fatal(anyhow!(
                     "{} (the daemon may have restarted; the build's output so far was printed)",
@@ -721,7 +834,13 @@ async fn on_message(
             progress.transfer_failed = true;
         }
         DaemonMessage::Error(e) if e.kind == ErrorKind::Protocol => {
-            tracing::warn!("daemon: {}", e.message);
+            // Damage on the way to the daemon (on a shared stream, another client's
+            // bytes may cut ours): a request not answered yet may be the frame it lost,
+            // so it goes again (a Run names its build: it never starts twice).
+            tracing::debug!("daemon: {}", e.message);
+            if !progress.answered {
+                open(conn, goal, progress, out).await?;
+            }
         }
         DaemonMessage::Error(e) => tracing::debug!(?e, "daemon error"),
         DaemonMessage::Ping { nonce } => conn.writer.send(&ClientMessage::Pong { nonce }).await?,
@@ -737,7 +856,7 @@ async fn send_cancel(conn: &Connection, build: &BuildId, force: bool) -> Result<
     tracing::info!(%build, force, "cancelling");
     conn.writer
         .send(&ClientMessage::Cancel {
-            req: CANCEL_REQ,
+            req: req(CANCEL),
             build: build.clone(),
             force,
         })

@@ -10,17 +10,15 @@ use super::connect::connect_existing;
 use super::exit;
 use crate::cli::PsArgs;
 
-const REQ: u64 = 1;
-
 pub async fn ps(args: PsArgs) -> anyhow::Result<i32> {
     let mut conn = connect_existing(&args.connect).await?;
     let reply = conn
         .request(
             &ClientMessage::List {
-                req: REQ,
+                req: super::reqs::req(1),
                 all: args.all,
             },
-            REQ,
+            super::reqs::req(1),
         )
         .await;
     conn.close().await;

@@ -13,9 +13,6 @@ use tether_protocol::{BuildId, BuildState, ClientMessage, DaemonMessage, ExitSta
 use super::connect::{connect_existing, Connection};
 use crate::cli::ReleaseArgs;
 
-const LIST_REQ: u64 = 1;
-const RELEASE_REQ: u64 = 2;
-
 pub async fn release(args: ReleaseArgs) -> anyhow::Result<i32> {
     let mut conn = connect_existing(&args.connect).await?;
     let result = send(&mut conn, &args).await;
@@ -35,11 +32,11 @@ async fn send(conn: &mut Connection, args: &ReleaseArgs) -> anyhow::Result<()> {
         None
     };
     let msg = ClientMessage::Release {
-        req: RELEASE_REQ,
+        req: super::reqs::req(2),
         build,
         status,
     };
-    conn.request(&msg, RELEASE_REQ).await?;
+    conn.request(&msg, super::reqs::req(2)).await?;
     Ok(())
 }
 
@@ -48,10 +45,10 @@ async fn failure_status(conn: &mut Connection, build: &BuildId) -> anyhow::Resul
     let reply = conn
         .request(
             &ClientMessage::List {
-                req: LIST_REQ,
+                req: super::reqs::req(1),
                 all: false,
             },
-            LIST_REQ,
+            super::reqs::req(1),
         )
         .await?;
     let DaemonMessage::Builds { builds, .. } = reply else {

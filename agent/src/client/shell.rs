@@ -30,9 +30,6 @@ use super::terminal::{window_size, RawTerminal};
 use crate::cli::ShellArgs;
 use crate::wire::Inbound;
 
-/// The shell's name in every message about it: its `OpenShell` request id.
-const SHELL: u64 = 1;
-
 /// After asking for a hang-up, how long to wait for the shell's exit before giving up.
 const HANG_UP_WAIT: Duration = Duration::from_secs(10);
 
@@ -71,7 +68,9 @@ pub async fn shell(args: ShellArgs) -> anyhow::Result<i32> {
 }
 
 async fn run(conn: &mut Connection, spec: wire::ShellSpec, tty: bool, args: &ShellArgs) -> anyhow::Result<i32> {
-    conn.writer.send(&ClientMessage::OpenShell { req: SHELL, spec }).await?;
+    conn.writer
+        .send(&ClientMessage::OpenShell { req: shell_req(), spec })
+        .await?;
     // Opened (or refused) before the terminal changes, so errors print as usual.
     loop {
         match conn.inbound.recv().await {
@@ -81,7 +80,7 @@ async fn run(conn: &mut Connection, spec: wire::ShellSpec, tty: bool, args: &She
                 tracing::debug!(pid, program = %String::from_utf8_lossy(&program), ?build, "shell opened");
                 break;
             }
-            Some(Inbound::Message(DaemonMessage::Error(e))) if e.req == Some(SHELL) => {
+            Some(Inbound::Message(DaemonMessage::Error(e))) if e.req == Some(shell_req()) => {
                 eprintln!("tether: {}", e.message);
                 return Ok(exit::for_error(e.kind));
             }
@@ -136,7 +135,7 @@ async fn relay(conn: &mut Connection, tty: bool, args: &ShellArgs) -> anyhow::Re
                     Some(_) => continue,
                 };
                 match msg {
-                    DaemonMessage::ShellOutput { shell: SHELL, stream, data } => {
+                    DaemonMessage::ShellOutput { shell, stream, data } if shell == shell_req() => {
                         let written = match stream {
                             wire::OutputStream::Stdout => stdout.write_all(&data).and_then(|()| stdout.flush()),
                             wire::OutputStream::Stderr => std::io::stderr().write_all(&data),
@@ -146,10 +145,10 @@ async fn relay(conn: &mut Connection, tty: bool, args: &ShellArgs) -> anyhow::Re
                             hang_up(conn, &mut hung_up).await?;
                         }
                     }
-                    DaemonMessage::ShellInputAck { shell: SHELL, consumed } => acked = consumed,
-                    DaemonMessage::ShellExited { shell: SHELL, status } => return Ok(exit::for_status(&status)),
+                    DaemonMessage::ShellInputAck { shell, consumed } if shell == shell_req() => acked = consumed,
+                    DaemonMessage::ShellExited { shell, status } if shell == shell_req() => return Ok(exit::for_status(&status)),
                     DaemonMessage::Ping { nonce } => conn.writer.send(&ClientMessage::Pong { nonce }).await?,
-                    DaemonMessage::Error(e) if e.req == Some(SHELL) || e.kind == ErrorKind::Protocol => {
+                    DaemonMessage::Error(e) if e.req == Some(shell_req()) || e.kind == ErrorKind::Protocol => {
                         tracing::warn!("daemon: {}", e.message);
                     }
                     DaemonMessage::ShuttingDown { reason } => {
@@ -165,20 +164,20 @@ async fn relay(conn: &mut Connection, tty: bool, args: &ShellArgs) -> anyhow::Re
                     let offset = sent;
                     sent += data.len() as u64;
                     conn.writer
-                        .send(&ClientMessage::ShellInput { shell: SHELL, offset, data: wire::Bytes::from(data) })
+                        .send(&ClientMessage::ShellInput { shell: shell_req(), offset, data: wire::Bytes::from(data) })
                         .await?;
                 }
                 None => {
                     input_open = false;
                     // A terminal has no end of input but the ^D typed into it.
                     if !tty {
-                        conn.writer.send(&ClientMessage::ShellInputEnd { shell: SHELL }).await?;
+                        conn.writer.send(&ClientMessage::ShellInputEnd { shell: shell_req() }).await?;
                     }
                 }
             },
             _ = winch.recv(), if tty => {
                 if let Some(size) = window_size(std::io::stdin().as_fd()) {
-                    conn.writer.send(&ClientMessage::ShellResize { shell: SHELL, size }).await?;
+                    conn.writer.send(&ClientMessage::ShellResize { shell: shell_req(), size }).await?;
                 }
             }
             _ = sigterm.recv() => hang_up(conn, &mut hung_up).await?,
@@ -202,11 +201,18 @@ async fn relay(conn: &mut Connection, tty: bool, args: &ShellArgs) -> anyhow::Re
 async fn hang_up(conn: &Connection, hung_up: &mut Option<Instant>) -> anyhow::Result<()> {
     if hung_up.is_none() {
         *hung_up = Some(Instant::now());
-        conn.writer.send(&ClientMessage::ShellHangUp { shell: SHELL }).await?;
+        conn.writer
+            .send(&ClientMessage::ShellHangUp { shell: shell_req() })
+            .await?;
     }
     Ok(())
 }
 
 fn far_future() -> Instant {
     Instant::now() + Duration::from_secs(86400 * 365)
+}
+
+/// The shell's name in every message about it: its `OpenShell` request id.
+fn shell_req() -> u64 {
+    super::reqs::req(1)
 }

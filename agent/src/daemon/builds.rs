@@ -96,6 +96,10 @@ struct Finished {
 
 struct Entry {
     summary: wire::BuildSummary,
+    /// The session that started the build, or last ran it again by its id: the one
+    /// client whose `CloseOutput` is heeded. Followers (`attach`, `logs`) never change
+    /// a build.
+    owner: u64,
     /// What was asked to run, for idempotent starts.
     command: wire::CommandSpec,
     shell: Option<wire::Bytes>,
@@ -188,7 +192,7 @@ fn unknown(req: Option<RequestId>, build: &BuildId) -> ErrorReport {
     )
 }
 
-fn now_ms() -> u64 {
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -272,6 +276,7 @@ impl Builds {
     /// has uploads, the returned route takes the session's `Upload` pieces.
     pub async fn start(
         self: &Arc<Self>,
+        session: u64,
         req: RequestId,
         spec: &wire::RunSpec,
         follow: bool,
@@ -291,7 +296,7 @@ impl Builds {
             }
             let id = BuildId(id.clone());
             self.take_over_preparation(req, &id, spec).await?;
-            if let Some((started, feed)) = self.existing(req, &id, spec)? {
+            if let Some((started, feed)) = self.existing(session, req, &id, spec)? {
                 // Started first, then the output from position 0 (§14's order).
                 out.control(DaemonMessage::Started(started)).await;
                 if follow {
@@ -320,10 +325,10 @@ impl Builds {
         }
         // The daemon's own readiness gates hold every build until they opened once.
         if spec.prepares() || !self.prep.daemon_gates.borrow().open {
-            return self.prepare(req, spec, build_spec, follow, out, slot).await;
+            return self.prepare(session, req, spec, build_spec, follow, out, slot).await;
         }
         let build = self.executor.start(build_spec).map_err(|e| start_error(req, e))?;
-        self.register(req, spec, build, follow, out, slot).await;
+        self.register(session, req, spec, build, follow, out, slot).await;
         Ok(None)
     }
 
@@ -371,8 +376,10 @@ impl Builds {
     }
 
     /// Creates the build's directory and starts its preparation.
+    #[allow(clippy::too_many_arguments)]
     async fn prepare(
         self: &Arc<Self>,
+        session: u64,
         req: RequestId,
         spec: &wire::RunSpec,
         build_spec: tether_executor::BuildSpec,
@@ -445,7 +452,7 @@ impl Builds {
                 )),
             };
             builds
-                .prepared(req, id.clone(), &spec, prepared, result, follow, out, slot)
+                .prepared(session, req, id.clone(), &spec, prepared, result, follow, out, slot)
                 .await;
             if stop.is_cancelled() {
                 // A cancel that came after the preparation succeeded, before the build
@@ -484,6 +491,7 @@ impl Builds {
     #[allow(clippy::too_many_arguments)]
     async fn prepared(
         self: &Arc<Self>,
+        session: u64,
         req: RequestId,
         id: BuildId,
         spec: &wire::RunSpec,
@@ -514,7 +522,7 @@ impl Builds {
         };
         match started {
             Ok(build) => {
-                self.register(req, spec, build, follow, out, slot).await;
+                self.register(session, req, spec, build, follow, out, slot).await;
                 self.lock_preparing().remove(&id);
             }
             Err(mut e) => {
@@ -527,8 +535,10 @@ impl Builds {
     }
 
     /// Enters a started build and queues its `Started` (then its output, when followed).
+    #[allow(clippy::too_many_arguments)]
     async fn register(
         self: &Arc<Self>,
+        session: u64,
         req: RequestId,
         spec: &wire::RunSpec,
         mut build: Build,
@@ -554,6 +564,7 @@ impl Builds {
         let feed = Feed::new(id.clone(), build.spool.clone());
         let shell = build.shell.as_deref().map(convert::path_bytes);
         let entry = Entry {
+            owner: session,
             summary: wire::BuildSummary {
                 build: id.clone(),
                 command: convert::describe(spec),
@@ -601,17 +612,20 @@ impl Builds {
     /// A Run naming an existing build: its `Started` and feed, to follow it instead.
     fn existing(
         &self,
+        session: u64,
         req: RequestId,
         id: &BuildId,
         spec: &wire::RunSpec,
     ) -> Result<Option<(wire::Started, Arc<Feed>)>, ErrorReport> {
-        let entries = self.lock();
-        let Some(entry) = entries.get(id) else {
+        let mut entries = self.lock();
+        let Some(entry) = entries.get_mut(id) else {
             return Ok(None);
         };
         if entry.command != spec.command {
             return Err(taken(req, id, &entry.summary.command));
         }
+        // The run's client came back (a reconnect, a retried step): its own again.
+        entry.owner = session;
         tracing::info!(build = %id, "run of an existing build id: following it instead of starting it again");
         let started = wire::Started {
             req,
@@ -722,10 +736,16 @@ impl Builds {
         Ok(())
     }
 
-    /// Stops reading one output stream of a build and closes tether's end of its pipe.
-    pub fn close_output(&self, build: &BuildId, stream: wire::OutputStream) -> Result<(), ErrorReport> {
+    /// Stops reading one output stream of a build and closes tether's end of its pipe,
+    /// when `session` is the build's owner (the client that ran it); a follower's
+    /// request is ignored: watching a build never changes it.
+    pub fn close_output(&self, session: u64, build: &BuildId, stream: wire::OutputStream) -> Result<(), ErrorReport> {
         let entries = self.lock();
         let entry = entries.get(build).ok_or_else(|| unknown(None, build))?;
+        if entry.owner != session {
+            tracing::info!(build = %build, ?stream, "a follower closed its output; the build's pipe stays open");
+            return Ok(());
+        }
         if let Some(running) = &entry.running {
             tracing::info!(build = %build, ?stream, "client closed its output; closing the build's pipe");
             running.control.close_output(convert::stream_from_wire(stream));

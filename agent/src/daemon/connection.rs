@@ -2,22 +2,37 @@
 //! it: the reader loop and the single writer.
 //!
 //! The daemon's stdin can carry many sessions one after another (`kubectl attach` gives
-//! no EOF between clients); each preamble starts a new one. The writer owns the stream's
-//! output: it writes a preamble at start and whenever a session starts, then that
-//! session's queues, control before data, batching frames into large writes. When a new
-//! session starts, the old session's queues are dropped: their senders see the session
-//! gone, and nothing of the old session follows the new preamble.
+//! no EOF between clients); each preamble and Hello starts a new one. The writer owns
+//! the stream's output: it writes a preamble at start and whenever a session starts, then
+//! that session's queues, control before data, batching frames into large writes. When a
+//! new session starts, the old session's queues are dropped: their senders see the
+//! session gone, and nothing of the old session follows the new preamble.
 //!
 //! Heartbeats: the reader pings the session's client every heartbeat interval, and a
 //! client that sent nothing at all for the heartbeat timeout is gone: on a socket the
 //! connection is closed; on stdin the session ends (its subscriptions with it) and the
 //! stream waits for the next client's preamble. Builds are never touched.
+//!
+//! # The stdin stream is one channel for many clients
+//!
+//! Under `kubectl attach` every client sees all the daemon writes, and every client's
+//! bytes land in the one stdin: two clients writing at once would cut each other's
+//! frames. So on stdin one session at a time *holds* the stream, and everyone can see
+//! which: the daemon announces it ([`DaemonMessage::Channel`], each preceded by a
+//! preamble so that a client that just attached finds it) when a session starts or
+//! ends and every [`BEACON`] while one is held. A client that finds the stream held
+//! writes nothing and waits (PROTOCOL.md, "The stdin stream"); one that writes a Hello
+//! anyway while a greeted session holds the stream is refused (the `Channel` names it)
+//! unless it asks to take the stream over. A holder that is done says `Goodbye`, and the
+//! stream is free at once; one that died is dropped at the heartbeat timeout. While no
+//! session holds the stream, the daemon writes nothing to it: no heartbeats, no output,
+//! nothing for a container log to keep.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tether_protocol::{ClientMessage, DaemonMessage, ErrorKind, PREAMBLE};
+use tether_protocol::{self as wire, ClientMessage, DaemonMessage, ErrorKind, PREAMBLE};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, Instant};
@@ -29,6 +44,21 @@ use crate::wire::{push_frame, Inbound, Sink};
 
 /// Frames are gathered into writes of about this size when many are queued.
 const BATCH_BYTES: usize = 256 * 1024;
+
+/// How often the daemon says who holds its stdin stream while a session holds it. A
+/// client that attached reads this long, and a little more, before it concludes that
+/// the stream is free (PROTOCOL.md, "The stdin stream").
+pub const BEACON: Duration = Duration::from_millis(wire::CHANNEL_BEACON_MS);
+
+/// What the reader tells the writer.
+enum WriterCmd {
+    /// A new session: a preamble, then its queues.
+    Start(OutboxRx),
+    /// The session ended: its queues are dropped.
+    End,
+    /// A message for whoever reads the stream, outside any session: a preamble, then it.
+    Broadcast(DaemonMessage),
+}
 
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 
@@ -58,7 +88,7 @@ impl Connection {
         sink: Sink,
         transport: Transport,
     ) -> Connection {
-        let (switch_tx, switch_rx) = mpsc::channel(1);
+        let (switch_tx, switch_rx) = mpsc::channel(4);
         let (stop, stop_rx) = oneshot::channel();
         let writer = tokio::spawn(write_loop(sink, switch_rx, stop_rx));
         let reader = tokio::spawn(read_loop(daemon, inbound, switch_tx, transport));
@@ -84,22 +114,35 @@ fn never() -> Instant {
 async fn read_loop(
     daemon: Arc<Daemon>,
     mut inbound: mpsc::Receiver<Inbound<ClientMessage>>,
-    switch_tx: mpsc::Sender<Option<OutboxRx>>,
+    switch_tx: mpsc::Sender<WriterCmd>,
     transport: Transport,
 ) {
+    let stdio = transport == Transport::Stdio;
     let mut session: Option<Session> = None;
+    // A preamble came while a greeted session held the stdin stream: the Hello that
+    // follows decides whether a new session starts (a takeover) or is refused.
+    let mut pending = false;
     let mut heard = Instant::now();
     let mut ping = tokio::time::interval_at(Instant::now() + daemon.heartbeat, daemon.heartbeat);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut beacon = tokio::time::interval_at(Instant::now() + BEACON, BEACON);
+    beacon.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut nonce = 0u64;
     let mut shutdown = daemon.shutdown.subscribe();
     let mut told_shutdown = false;
+    // A daemon whose stdin is a fresh stream (a `--via` command that started it: `ssh
+    // host tether serve`, `runc run`) says at once that nobody holds it, so its first
+    // client need not wait to find out.
+    if stdio && switch_tx.send(channel(None, None)).await.is_err() {
+        return;
+    }
     loop {
         let deadline = if session.is_some() {
             heard + daemon.heartbeat_timeout
         } else {
             never()
         };
+        let holding = stdio && session.as_ref().is_some_and(|s| s.holder().is_some());
         let item = tokio::select! {
             item = inbound.recv() => match item {
                 Some(item) => item,
@@ -120,13 +163,23 @@ async fn read_loop(
                 }
                 continue;
             }
+            _ = beacon.tick(), if holding => {
+                let holder = session.as_ref().and_then(|s| s.holder().cloned());
+                if switch_tx.send(channel(holder, None)).await.is_err() {
+                    break;
+                }
+                continue;
+            }
             _ = sleep_until(deadline) => {
                 let old = session.take().map(|s| s.id);
                 tracing::warn!(session = ?old, silent = ?daemon.heartbeat_timeout, "client sent nothing within the heartbeat timeout; dropping its session");
                 match transport {
                     Transport::Socket => break,
                     Transport::Stdio => {
-                        if switch_tx.send(None).await.is_err() {
+                        pending = false;
+                        if switch_tx.send(WriterCmd::End).await.is_err()
+                            || switch_tx.send(channel(None, None)).await.is_err()
+                        {
                             break;
                         }
                         continue;
@@ -136,21 +189,56 @@ async fn read_loop(
         };
         heard = Instant::now();
         match item {
+            Inbound::Preamble if stdio && session.as_ref().is_some_and(|s| s.holder().is_some()) => {
+                pending = true;
+            }
             Inbound::Preamble => {
-                let (out, rx) = outbox();
-                let id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
-                if let Some(old) = session.replace(Session::new(id, Arc::clone(&daemon), out)) {
-                    tracing::info!(
-                        old = old.id,
-                        new = id,
-                        "new session on the same stream; the old one ends"
-                    );
-                }
-                if switch_tx.send(Some(rx)).await.is_err() {
+                if !start_session(&daemon, &mut session, &switch_tx, &mut ping).await {
                     break;
                 }
-                ping.reset();
             }
+            Inbound::Message(ClientMessage::Hello(hello)) if pending => {
+                pending = false;
+                let holder = session.as_ref().and_then(|s| s.holder().cloned());
+                if hello.takeover() || holder.is_none() {
+                    if let Some(h) = &holder {
+                        tracing::info!(
+                            holder = format!("{:016x}", h.session),
+                            by = format!("{:016x}", hello.session().unwrap_or(0)),
+                            "the stdin stream is taken over"
+                        );
+                    }
+                    if !start_session(&daemon, &mut session, &switch_tx, &mut ping).await {
+                        break;
+                    }
+                    if let Some(s) = &mut session {
+                        s.handle(ClientMessage::Hello(hello)).await;
+                    }
+                } else {
+                    tracing::info!(
+                        holder = ?holder.as_ref().map(|h| format!("{:016x}", h.session)),
+                        refused = format!("{:016x}", hello.session().unwrap_or(0)),
+                        "a client's Hello refused: another session holds the stdin stream"
+                    );
+                    if switch_tx.send(channel(holder, hello.session())).await.is_err() {
+                        break;
+                    }
+                }
+            }
+            Inbound::Message(ClientMessage::Goodbye) => {
+                if let Some(old) = session.take() {
+                    tracing::debug!(session = old.id, "client said goodbye");
+                }
+                pending = false;
+                if !stdio {
+                    break;
+                }
+                if switch_tx.send(WriterCmd::End).await.is_err() || switch_tx.send(channel(None, None)).await.is_err() {
+                    break;
+                }
+            }
+            // Frames after a pending preamble belong to the holder until the Hello:
+            // a client's first message after its preamble is its Hello.
             Inbound::Message(msg) => match &mut session {
                 Some(s) => s.handle(msg).await,
                 // The decoder yields frames only after a preamble.
@@ -182,18 +270,43 @@ async fn read_loop(
     }
 }
 
+/// A `Channel` announcement for the writer.
+fn channel(holder: Option<wire::Holder>, refused: Option<u64>) -> WriterCmd {
+    WriterCmd::Broadcast(DaemonMessage::Channel(wire::ChannelState { holder, refused }))
+}
+
+/// Starts a new session on the stream, ending the one before; false once the writer is
+/// gone.
+async fn start_session(
+    daemon: &Arc<Daemon>,
+    session: &mut Option<Session>,
+    switch_tx: &mpsc::Sender<WriterCmd>,
+    ping: &mut tokio::time::Interval,
+) -> bool {
+    let (out, rx) = outbox();
+    let id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
+    if let Some(old) = session.replace(Session::new(id, Arc::clone(daemon), out)) {
+        tracing::info!(
+            old = old.id,
+            new = id,
+            "new session on the same stream; the old one ends"
+        );
+    }
+    ping.reset();
+    switch_tx.send(WriterCmd::Start(rx)).await.is_ok()
+}
+
 enum Next {
     Stop,
-    /// `Some(Some(rx))`: a new session; `Some(None)`: the session ended; `None`: the
-    /// reader is gone.
-    Switch(Option<Option<OutboxRx>>),
+    /// `None`: the reader is gone.
+    Cmd(Option<WriterCmd>),
     Message(Option<DaemonMessage>),
 }
 
-async fn write_loop(mut sink: Sink, mut switch: mpsc::Receiver<Option<OutboxRx>>, mut stop: oneshot::Receiver<()>) {
+async fn write_loop(mut sink: Sink, mut cmds: mpsc::Receiver<WriterCmd>, mut stop: oneshot::Receiver<()>) {
     let mut broken = false;
     let mut current: Option<OutboxRx> = None;
-    let mut switch_open = true;
+    let mut cmds_open = true;
     let mut buf = PREAMBLE.to_vec();
     let mut stopping = false;
     loop {
@@ -206,7 +319,7 @@ async fn write_loop(mut sink: Sink, mut switch: mpsc::Receiver<Option<OutboxRx>>
             }
         }
         buf.clear();
-        if stopping || (!switch_open && current.is_none()) {
+        if stopping || (!cmds_open && current.is_none()) {
             break;
         }
         let next = {
@@ -217,23 +330,28 @@ async fn write_loop(mut sink: Sink, mut switch: mpsc::Receiver<Option<OutboxRx>>
             tokio::select! {
                 biased;
                 _ = &mut stop => Next::Stop,
-                rx = switch.recv(), if switch_open => Next::Switch(rx),
+                cmd = cmds.recv(), if cmds_open => Next::Cmd(cmd),
                 Some(msg) = recv(control) => Next::Message(Some(msg)),
                 msg = recv(data) => Next::Message(msg),
             }
         };
         match next {
             Next::Stop => stopping = true,
-            Next::Switch(Some(Some(rx))) => {
+            Next::Cmd(Some(WriterCmd::Start(rx))) => {
                 current = Some(rx);
                 buf.extend_from_slice(PREAMBLE);
                 continue;
             }
-            Next::Switch(Some(None)) => {
+            Next::Cmd(Some(WriterCmd::End)) => {
                 current = None;
                 continue;
             }
-            Next::Switch(None) => switch_open = false,
+            Next::Cmd(Some(WriterCmd::Broadcast(msg))) => {
+                buf.extend_from_slice(PREAMBLE);
+                push(&mut buf, &msg);
+                continue;
+            }
+            Next::Cmd(None) => cmds_open = false,
             Next::Message(Some(msg)) => push(&mut buf, &msg),
             // Every sender of the data queue is gone: the session and its builds ended.
             Next::Message(None) => {

@@ -20,7 +20,8 @@ pub struct Session {
     pub id: u64,
     daemon: Arc<Daemon>,
     out: Outbox,
-    greeted: bool,
+    /// Who the client is, once its Hello was accepted.
+    greeted: Option<wire::Holder>,
     /// Uploads of this session's preparing runs, by the run's request id. Dropped with
     /// the session, which ends those uploads (and fails their runs).
     uploads: HashMap<RequestId, UploadRoute>,
@@ -34,10 +35,15 @@ impl Session {
             id,
             daemon,
             out,
-            greeted: false,
+            greeted: None,
             uploads: HashMap::new(),
             shells: Shells::default(),
         }
+    }
+
+    /// The client, once its Hello was accepted: who holds a stdin stream.
+    pub fn holder(&self) -> Option<&wire::Holder> {
+        self.greeted.as_ref()
     }
 
     /// Sends a heartbeat (dropped when the client is that far behind).
@@ -67,7 +73,7 @@ impl Session {
     pub async fn handle(&mut self, msg: ClientMessage) {
         // Secrets show as `****` here: their wire type's Debug never holds a value.
         tracing::trace!(message = ?msg, "received");
-        if !self.greeted && !matches!(msg, ClientMessage::Hello(_) | ClientMessage::Ping { .. }) {
+        if self.greeted.is_none() && !matches!(msg, ClientMessage::Hello(_) | ClientMessage::Ping { .. }) {
             let message = "a message arrived before Hello; start the session with a preamble and Hello".to_owned();
             self.error(None, None, ErrorKind::NoSession, message).await;
             return;
@@ -78,6 +84,8 @@ impl Session {
                 self.out.control(DaemonMessage::Pong { nonce }).await;
             }
             ClientMessage::Pong { .. } => {}
+            // The connection ends the session (see `super::connection`).
+            ClientMessage::Goodbye => {}
             ClientMessage::Run { req, spec, follow } => self.on_run(req, *spec, follow).await,
             ClientMessage::Attach {
                 req,
@@ -101,7 +109,7 @@ impl Session {
                 }
             }
             ClientMessage::CloseOutput { build, stream } => {
-                if let Err(e) = self.daemon.builds.close_output(&build, stream) {
+                if let Err(e) = self.daemon.builds.close_output(self.id, &build, stream) {
                     self.out.control(DaemonMessage::Error(e)).await;
                 }
             }
@@ -189,14 +197,20 @@ impl Session {
                 .await;
             return;
         }
-        tracing::debug!(session = self.id, client = %hello.client_version, "session opened");
-        self.greeted = true;
+        let nonce = hello.session().unwrap_or(0);
+        tracing::debug!(session = self.id, client = %hello.client_version, nonce = format!("{nonce:016x}"), "session opened");
+        self.greeted = Some(wire::Holder {
+            session: nonce,
+            client: format!("tether {}", hello.client_version.chars().take(40).collect::<String>()),
+            since_ms: super::builds::now_ms(),
+        });
         let welcome = wire::Welcome {
             protocol: wire::PROTOCOL_VERSION,
             daemon_version: self.daemon.version.clone(),
             capabilities: Vec::new(),
             limits: self.daemon.limits,
             builds: self.daemon.builds.summaries(false),
+            session: nonce,
         };
         self.out.control(DaemonMessage::Welcome(welcome)).await;
     }
@@ -222,7 +236,12 @@ impl Session {
     }
 
     async fn on_run(&mut self, req: RequestId, spec: wire::RunSpec, follow: bool) {
-        match self.daemon.builds.start(req, &spec, follow, self.out.clone()).await {
+        match self
+            .daemon
+            .builds
+            .start(self.id, req, &spec, follow, self.out.clone())
+            .await
+        {
             Ok(Some(route)) => {
                 self.uploads.insert(req, route);
             }

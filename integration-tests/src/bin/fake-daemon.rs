@@ -15,7 +15,8 @@
 //! spawns a fresh fake-daemon that must still answer its `Attach`). `Hello`, `Ping` and
 //! `Attach` are answered as the real daemon answers them; anything else is logged and
 //! ignored. It sends no heartbeats. It exits 0 at the end of stdin, and when the client
-//! stops reading (EPIPE on stdout).
+//! stops reading (EPIPE on stdout). With `--drop-on-run` it ends the connection instead
+//! of answering a `Run`: a daemon a client reaches but never gets anything from.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -24,12 +25,14 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest as _, Sha256};
 use tether_protocol::{
-    check_hello, decode, encode_frame, BuildId, BuildState, BuildSummary, Bytes, ClientMessage, DaemonMessage, Decoded,
-    Digest, EndCause, ErrorKind, ErrorReport, ExitStatus, Exited, FrameDecoder, Limits, OutputStream, Started, Welcome,
-    DEFAULT_STDIN_WINDOW, DEFAULT_UPLOAD_WINDOW, MAX_CHUNK, MAX_PAYLOAD, PREAMBLE, PROTOCOL_VERSION,
+    check_hello, decode, encode_frame, BuildId, BuildState, BuildSummary, Bytes, ChannelState, ClientMessage,
+    DaemonMessage, Decoded, Digest, EndCause, ErrorKind, ErrorReport, ExitStatus, Exited, FrameDecoder, Limits,
+    OutputStream, Started, Welcome, DEFAULT_STDIN_WINDOW, DEFAULT_UPLOAD_WINDOW, MAX_CHUNK, MAX_PAYLOAD, PREAMBLE,
+    PROTOCOL_VERSION,
 };
 
-const USAGE: &str = "usage: fake-daemon --archive FILE [--sha256 HEX | --wrong-sha256] [--exit-code N] [--split N]";
+const USAGE: &str =
+    "usage: fake-daemon --archive FILE [--sha256 HEX | --wrong-sha256] [--exit-code N] [--split N] [--drop-on-run]";
 
 /// The whole output of every fake build (on stdout, at position 0).
 const OUTPUT: &[u8] = b"fake build ran\n";
@@ -48,6 +51,8 @@ struct Script {
     sha256: Digest,
     split: usize,
     exit_code: i32,
+    /// End the connection at a `Run` instead of answering it.
+    drop_on_run: bool,
 }
 
 /// The fake daemon: its script and the builds released so far.
@@ -121,6 +126,7 @@ impl Fake {
                         upload_window: DEFAULT_UPLOAD_WINDOW,
                     },
                     builds: Vec::new(),
+                    session: hello.session().unwrap_or(0),
                 })],
                 Err(mismatch) => vec![error(None, None, ErrorKind::VersionMismatch, mismatch.to_string())],
             },
@@ -275,7 +281,16 @@ fn push(out: &mut Vec<u8>, msg: &DaemonMessage) {
 
 /// Serves one stream: `input` from the client, `output` to it, until `input` ends.
 fn serve(fake: &mut Fake, mut input: impl Read, mut output: impl Write) -> io::Result<()> {
-    output.write_all(PREAMBLE)?;
+    // As a daemon starting on its stdin: nobody holds the stream yet.
+    let mut opening = PREAMBLE.to_vec();
+    push(
+        &mut opening,
+        &DaemonMessage::Channel(ChannelState {
+            holder: None,
+            refused: None,
+        }),
+    );
+    output.write_all(&opening)?;
     output.flush()?;
     let mut decoder = FrameDecoder::new();
     let mut out = Vec::new();
@@ -301,6 +316,11 @@ fn serve(fake: &mut Fake, mut input: impl Read, mut output: impl Write) -> io::R
                     Ok(msg) => {
                         if !matches!(msg, ClientMessage::Ping { .. } | ClientMessage::Pong { .. }) {
                             log(&format!("<- {msg:?}"));
+                        }
+                        if fake.script.drop_on_run && matches!(msg, ClientMessage::Run { .. }) {
+                            log("dropping the connection at a Run (--drop-on-run)");
+                            output.write_all(&out)?;
+                            return output.flush();
                         }
                         for reply in fake.respond(msg, now_ms()) {
                             push(&mut out, &reply);
@@ -348,6 +368,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Script, String> 
     let mut wrong = false;
     let mut exit_code = 0;
     let mut split = MAX_CHUNK;
+    let mut drop_on_run = false;
     while let Some(a) = args.next() {
         let mut value = || args.next().ok_or(format!("{a} needs a value"));
         match a.as_str() {
@@ -365,6 +386,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Script, String> 
                     return Err(format!("--split {v}: must be 1 to {MAX_SPLIT}"));
                 }
             }
+            "--drop-on-run" => drop_on_run = true,
             "-h" | "--help" => return Err(String::new()),
             s => return Err(format!("unexpected argument {s}")),
         }
@@ -386,6 +408,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Script, String> 
         sha256,
         split,
         exit_code,
+        drop_on_run,
     })
 }
 
@@ -427,6 +450,7 @@ mod tests {
             sha256: Sha256::digest(archive).into(),
             split,
             exit_code: 3,
+            drop_on_run: false,
         }
     }
 
@@ -665,9 +689,13 @@ mod tests {
         let mut output = Vec::new();
         serve(&mut f, &input[..], &mut output).unwrap();
         assert!(output.starts_with(PREAMBLE));
-        let (preambles, msgs) = read_back(&output);
-        // Its own, then one per client session.
+        let (preambles, mut msgs) = read_back(&output);
+        // Its own (with the free stream's announcement), then one per client session.
         assert_eq!(preambles, 3);
+        assert!(matches!(
+            msgs.remove(0),
+            DaemonMessage::Channel(ChannelState { holder: None, .. })
+        ));
         let tags: Vec<&str> = msgs
             .iter()
             .map(|m| match m {

@@ -1,5 +1,5 @@
-//! `flip [--min-payload N] [--fix-crc] -- CMD ARGS...`: a `--via` wrapper that damages
-//! one byte in transit.
+//! `flip [--min-payload N] [--fix-crc] [--log FILE] -- CMD ARGS...`: a `--via` wrapper
+//! that damages one byte in transit.
 //!
 //! It spawns CMD (stderr inherited) and relays its own stdin to CMD's stdin and CMD's
 //! stdout to its own stdout, byte for byte and without delay, except that it follows the
@@ -8,7 +8,8 @@
 //! payload's middle byte. With `--fix-crc` it then reseals the frame (a fresh CRC32C), so
 //! the frame arrives intact and only its contents are wrong (for checks above the
 //! framing, such as a sha256 of uploaded data); without it the frame's checksum no longer
-//! matches (for the frame layer). It says so on stderr
+//! matches (for the frame layer). It says so on stderr and, with `--log`, in FILE (a
+//! client does not pass a `--via` command's stderr on)
 //! (`flip: flipped byte K of a P-byte frame payload`), flips at most once per run,
 //! passes EOF on (closes CMD's stdin when its stdin ends) and exits with CMD's exit code
 //! (128 + the signal when CMD was killed).
@@ -24,7 +25,20 @@ use std::process::{Command, ExitCode, Stdio};
 use tether_protocol::frame::{frame_crc, seal_frame};
 use tether_protocol::{FRAME_HEADER_LEN, MAGIC, MAX_PAYLOAD, PREAMBLE};
 
-const USAGE: &str = "usage: flip [--min-payload N] [--fix-crc] -- CMD ARGS...";
+const USAGE: &str = "usage: flip [--min-payload N] [--fix-crc] [--log FILE] -- CMD ARGS...";
+
+/// Where `--log` writes (besides stderr).
+static LOG: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+/// Says `msg` on stderr and in the `--log` file.
+fn say(msg: &str) {
+    eprintln!("{msg}");
+    if let Some(path) = LOG.get() {
+        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+            let _ = writeln!(f, "{msg}");
+        }
+    }
+}
 
 /// Where the flipper is in the stream it follows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -224,6 +238,10 @@ fn parse_args() -> Result<Args, String> {
                 break;
             }
             "--fix-crc" => fix_crc = true,
+            "--log" => {
+                let v = args.next().ok_or("--log needs a file")?;
+                let _ = LOG.set(v.into());
+            }
             "--min-payload" => {
                 let v = args.next().ok_or("--min-payload needs a value")?;
                 min_payload = v.parse().map_err(|e| format!("--min-payload {v}: {e}"))?;
@@ -267,7 +285,7 @@ fn main() -> ExitCode {
     {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("flip: cannot run {}: {e}", args.cmd[0]);
+            say(&format!("flip: cannot run {}: {e}", args.cmd[0]));
             return ExitCode::from(127);
         }
     };
@@ -289,7 +307,7 @@ fn main() -> ExitCode {
             let out = flipper.feed(&buf[..n]);
             if !reported {
                 if let Some((k, p)) = flipper.flipped() {
-                    eprintln!("flip: flipped byte {k} of a {p}-byte frame payload");
+                    say(&format!("flip: flipped byte {k} of a {p}-byte frame payload"));
                     reported = true;
                 }
             }
@@ -319,7 +337,7 @@ fn main() -> ExitCode {
     let status = match child.wait() {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("flip: waiting for {}: {e}", args.cmd[0]);
+            say(&format!("flip: waiting for {}: {e}", args.cmd[0]));
             return ExitCode::from(1);
         }
     };
