@@ -43,9 +43,22 @@ pub enum Command {
     /// Relay stdin/stdout to a daemon's Unix socket (for `--via`, e.g.
     /// `--via 'ssh host tether dial-stdio --socket /run/tether.sock'`).
     DialStdio(DialStdioArgs),
+    /// Hold one stream to a daemon (`--via 'kubectl attach -i POD -c CTR'`) and serve any
+    /// number of local clients through it on a Unix socket (`tether run --socket PATH`).
+    Relay(RelayArgs),
     /// Copy this tether binary into DIR (atomically, mode 0755; DIR is created if
     /// missing), e.g. onto a shared volume from an init container.
     Install(InstallArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RelayArgs {
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+    /// The Unix socket local clients connect to (`tether run --socket PATH`); only this
+    /// user may use it.
+    #[arg(long, value_name = "PATH")]
+    pub listen: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -193,12 +206,14 @@ pub struct ServeArgs {
     /// created, reachable by the peers --allow-uid/--allow-gid admit.
     #[arg(long, value_name = "DIR")]
     pub publish_client: Option<PathBuf>,
-    /// Admit socket clients with this uid besides the daemon's own (repeatable).
-    #[arg(long = "allow-uid", value_name = "UID", requires = "socket")]
+    /// Admit socket clients with this uid besides the daemon's own, and let it reach the
+    /// socket's and --publish-client's directories (repeatable).
+    #[arg(long = "allow-uid", value_name = "UID")]
     pub allow_uids: Vec<u32>,
     /// Admit socket clients in this group, as their primary group or a supplementary
-    /// one such as a pod's fsGroup (repeatable; the portable choice in a pod).
-    #[arg(long = "allow-gid", value_name = "GID", requires = "socket")]
+    /// one such as a pod's fsGroup, and give it the socket's and --publish-client's
+    /// directories (repeatable; the portable choice in a pod).
+    #[arg(long = "allow-gid", value_name = "GID")]
     pub allow_gids: Vec<u32>,
     /// How long a finished build's output and status are kept for `attach`, `logs`,
     /// `ps --all` and retried `run --id`.

@@ -27,6 +27,7 @@ fn main() {
         Command::Attach(args) => client_main(args.connect.verbose, client::attach::attach(args)),
         Command::Logs(args) => client_main(args.connect.verbose, client::attach::logs(args)),
         Command::DialStdio(args) => client_main(0, client::dial::dial_stdio(args)),
+        Command::Relay(args) => client_main(args.connect.verbose, client::relay::relay(args)),
         Command::Ps(args) => client_main(args.connect.verbose, client::ps::ps(args)),
         Command::Cancel(args) => client_main(args.connect.verbose, client::cancel::cancel(args)),
         Command::Shell(args) => client_main(args.connect.verbose, client::shell::shell(args)),

@@ -134,6 +134,7 @@ pub struct BundleBuilder {
     bin: bool,
     files: Vec<(String, Vec<u8>, u32)>,
     capabilities: Option<&'static [&'static str]>,
+    host_network: bool,
 }
 
 /// The capabilities a container's root gets by default from Kubernetes' runtimes
@@ -218,6 +219,13 @@ impl BundleBuilder {
         self
     }
 
+    /// Shares the host's network (its loopback included) instead of a namespace of its
+    /// own.
+    pub fn host_network(mut self) -> Self {
+        self.host_network = true;
+        self
+    }
+
     /// Writes a file (with its parents) into the rootfs.
     pub fn file(mut self, path: &str, contents: &[u8], mode: u32) -> Self {
         self.files
@@ -274,6 +282,11 @@ impl BundleBuilder {
             for d in ["busybox", "kaniko", "proc", "dev", "tmp"] {
                 fs::create_dir_all(rootfs.join(d))?;
             }
+            {
+                use std::os::unix::fs::PermissionsExt;
+                // As in every image: anyone may write to /tmp.
+                fs::set_permissions(rootfs.join("tmp"), fs::Permissions::from_mode(0o1777))?;
+            }
             fs::copy(HOST_BUSYBOX, rootfs.join("busybox/busybox"))?;
             let list = Command::new(HOST_BUSYBOX).arg("--list").stdin(Stdio::null()).output()?;
             anyhow::ensure!(list.status.success(), "{HOST_BUSYBOX} --list failed");
@@ -329,6 +342,11 @@ impl BundleBuilder {
         if let Some(user) = self.user {
             config["process"]["user"] = user;
         }
+        if self.host_network {
+            if let Some(ns) = config["linux"]["namespaces"].as_array_mut() {
+                ns.retain(|n| n["type"] != "network");
+            }
+        }
         if let Some(caps) = self.capabilities {
             for set in ["bounding", "effective", "permitted"] {
                 config["process"]["capabilities"][set] = json!(caps);
@@ -378,6 +396,7 @@ impl Bundle {
             bin: false,
             files: Vec::new(),
             capabilities: None,
+            host_network: false,
         }
     }
 

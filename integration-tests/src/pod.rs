@@ -22,8 +22,11 @@
 //!   as OpenShift runs pods).
 //!
 //! Init containers run to completion first; then the build containers start (`runc run`
-//! with tether as PID 1); the pod is ready when every daemon's `--socket` accepts
-//! connections. The jnlp container is a busybox image with `/bin/sh` whose process
+//! with tether as PID 1), or, given an [`ApiServer`], are started and served by it (for
+//! `kubectl attach`; the jnlp container then shares the host's network, to reach it);
+//! the pod is ready when every daemon's `--socket` accepts connections (or, without
+//! one, its `--publish-client` copy is there). `bitnami/kubectl` images get the host's
+//! static kubectl. The jnlp container is a busybox image with `/bin/sh` whose process
 //! sleeps: its part is played by [`Pod::exec_prefix`], with which a test runs commands
 //! there as its user (as the Jenkins agent runs `sh` steps).
 
@@ -36,10 +39,17 @@ use std::time::Duration;
 use yaml_rust2::{Yaml, YamlLoader};
 
 use crate::container::{Bundle, Session};
+use crate::k8s::ApiServer;
 use crate::{wait_until, Proc, TIMEOUT};
 
 /// Where the Kubernetes plugin mounts the workspace volume in every container.
 pub const AGENT_DIR: &str = "/home/jenkins/agent";
+
+/// The pod's name (what the downward API's `metadata.name` gives).
+pub const POD_NAME: &str = "agent-1";
+
+/// Where `bitnami/kubectl` images keep kubectl.
+const BITNAMI_KUBECTL: &str = "/opt/bitnami/kubectl/bin/kubectl";
 
 /// kaniko's image is not available here: this busybox script takes its place at
 /// `/kaniko/executor`. It checks the arguments a build gives it (a `dir://` context
@@ -196,10 +206,12 @@ fn container(c: &Yaml) -> ContainerSpec {
             v.iter()
                 .map(|e| {
                     let name = e["name"].as_str().expect("env name").to_owned();
-                    let value = e["value"]
-                        .as_str()
-                        .expect("env value (valueFrom is not emulated)")
-                        .to_owned();
+                    let value = match (e["value"].as_str(), e["valueFrom"]["fieldRef"]["fieldPath"].as_str()) {
+                        (Some(v), _) => v.to_owned(),
+                        // The downward API: the one field the templates use.
+                        (None, Some("metadata.name")) => POD_NAME.to_owned(),
+                        _ => panic!("env {name}: only values and fieldRef metadata.name are emulated"),
+                    };
                     (name, value)
                 })
                 .collect()
@@ -274,11 +286,19 @@ pub struct User {
     pub gid: u32,
 }
 
+/// A build container running tether: its own (with the session that keeps its stdin
+/// open), or served by an [`ApiServer`].
+pub struct Daemon {
+    pub name: String,
+    rootfs: PathBuf,
+    own: Option<(Bundle, Session)>,
+}
+
 /// A running pod. Dropping it removes every container, then the volumes (fields drop
 /// in this order).
 pub struct Pod {
-    /// Build containers running tether, with the session that keeps their stdin open.
-    pub daemons: Vec<(String, Bundle, Session)>,
+    /// Build containers running tether.
+    pub daemons: Vec<Daemon>,
     pub jnlp: Bundle,
     pub template: PodTemplate,
     /// The workspace volume (`/home/jenkins/agent` in every container).
@@ -293,6 +313,12 @@ impl Pod {
     /// `user`, and waits until every daemon's socket answers. The caller checked
     /// [`crate::container::runc_usable`].
     pub fn start(file: &str, user: User) -> Pod {
+        Pod::start_with(file, user, None)
+    }
+
+    /// [`Pod::start`], its build containers served by `api` (attachable with the real
+    /// kubectl) when given.
+    pub fn start_with(file: &str, user: User, api: Option<&ApiServer>) -> Pod {
         let template = PodTemplate::load(file);
         let workspace = tempfile::Builder::new()
             .prefix("tether-pod-ws")
@@ -349,23 +375,40 @@ impl Pod {
                 "{}: a daemon's stdin is its protocol channel",
                 spec.name
             );
-            let session = bundle.start();
-            daemons.push((spec.name.clone(), bundle, session));
+            let rootfs = bundle.rootfs();
+            let own = match api {
+                Some(api) => {
+                    api.run_container(POD_NAME, &spec.name, bundle);
+                    None
+                }
+                None => {
+                    let session = bundle.start();
+                    Some((bundle, session))
+                }
+            };
+            daemons.push(Daemon {
+                name: spec.name.clone(),
+                rootfs,
+                own,
+            });
         }
         let groups: Vec<u32> = fs_group.into_iter().collect();
         let jnlp_spec = template.container("jnlp").clone();
         let mut env = vec!["PATH=/busybox:/bin".to_owned()];
         env.extend(jnlp_spec.env.iter().map(|(k, v)| format!("{k}={v}")));
-        let jnlp = mounted(
-            &jnlp_spec,
-            Bundle::builder()
-                .without_tether()
-                .with_bin()
-                .env(env)
-                .user(user.uid, user.gid, &groups)
-                .args(["/busybox/sleep", "1000000"]),
-        )
-        .build();
+        let mut jnlp = Bundle::builder()
+            .without_tether()
+            .with_bin()
+            .env(env)
+            .user(user.uid, user.gid, &groups)
+            .args(["/busybox/sleep", "1000000"]);
+        if let Some(api) = api {
+            // kubectl reaches the API server on the host's loopback, with its kubeconfig
+            // where in-cluster credentials would be.
+            let kubeconfig = std::fs::read(api.kubeconfig()).expect("the kubeconfig");
+            jnlp = jnlp.host_network().file("/kubeconfig", &kubeconfig, 0o644);
+        }
+        let jnlp = mounted(&jnlp_spec, jnlp).build();
         // Detached: its stdio must not be pipes this test waits on.
         let log = jnlp.path().join("runc.log");
         let mut cmd = jnlp.runc();
@@ -394,18 +437,23 @@ impl Pod {
             user,
             groups,
         };
-        for (name, _, session) in &pod.daemons {
-            let spec = pod.template.container(name);
-            let sock = pod.host_path(spec.flag("--socket").expect("a daemon of the pod serves a socket"));
-            assert!(
-                wait_until(Duration::from_secs(60), || std::os::unix::net::UnixStream::connect(
-                    &sock
-                )
-                .is_ok()),
-                "{name}: the socket {} never answered; its stderr:\n{}",
-                sock.display(),
-                session.stderr.text()
-            );
+        for daemon in &pod.daemons {
+            let spec = pod.template.container(&daemon.name);
+            let log = || daemon.own.as_ref().map(|(_, s)| s.stderr.text()).unwrap_or_default();
+            let ready = match (spec.flag("--socket"), spec.flag("--publish-client")) {
+                (Some(sock), _) => {
+                    let sock = pod.host_path(sock);
+                    wait_until(Duration::from_secs(60), || {
+                        std::os::unix::net::UnixStream::connect(&sock).is_ok()
+                    })
+                }
+                (None, Some(dir)) => {
+                    let client = pod.host_path(dir).join("tether");
+                    wait_until(Duration::from_secs(60), || client.is_file())
+                }
+                (None, None) => true,
+            };
+            assert!(ready, "{}: never ready; its stderr:\n{}", daemon.name, log());
         }
         pod
     }
@@ -475,14 +523,14 @@ impl Pod {
 
     /// The build dirs left in the state dir of daemon container `name`.
     pub fn build_dirs(&self, name: &str) -> Vec<PathBuf> {
-        let (_, bundle, _) = self
+        let daemon = self
             .daemons
             .iter()
-            .find(|(n, _, _)| n == name)
+            .find(|d| d.name == name)
             .expect("a daemon container");
         let spec = self.template.container(name);
         let state = spec.flag("--state-dir").unwrap_or("/tmp/tether-0");
-        let root = bundle.rootfs().join(state.trim_start_matches('/'));
+        let root = daemon.rootfs.join(state.trim_start_matches('/'));
         crate::subdirs(&root.join("instances"))
             .into_iter()
             .flat_map(|inst| crate::subdirs(&inst.join("builds")))
@@ -491,12 +539,12 @@ impl Pod {
 
     /// The stderr of daemon container `name` so far (its log).
     pub fn daemon_log(&self, name: &str) -> String {
-        let (_, _, session) = self
+        let daemon = self
             .daemons
             .iter()
-            .find(|(n, _, _)| n == name)
+            .find(|d| d.name == name)
             .expect("a daemon container");
-        session.stderr.text()
+        daemon.own.as_ref().map(|(_, s)| s.stderr.text()).unwrap_or_default()
     }
 }
 
@@ -522,6 +570,14 @@ fn image_bundle(spec: &ContainerSpec) -> crate::container::BundleBuilder {
     }
     if spec.image.contains("kaniko") {
         b = b.file("/kaniko/executor", KANIKO_STAND_IN.as_bytes(), 0o755);
+    }
+    if spec.image.starts_with("bitnami/kubectl") {
+        let kubectl = crate::k8s::static_kubectl().expect("a static kubectl binary for a bitnami/kubectl image");
+        b = b.file(
+            BITNAMI_KUBECTL,
+            &std::fs::read(kubectl).expect("reading kubectl"),
+            0o755,
+        );
     }
     b
 }

@@ -21,7 +21,11 @@ fn accepted(args: &[String]) -> bool {
 
 #[test]
 fn pod_template_commands_are_accepted() {
-    for file in ["pod-template.yaml", "pod-template-stock.yaml"] {
+    for file in [
+        "pod-template.yaml",
+        "pod-template-stock.yaml",
+        "pod-template-attach.yaml",
+    ] {
         let template = PodTemplate::load(file);
         let mut checked = 0;
         for c in template.init_containers.iter().chain(&template.containers) {
@@ -32,14 +36,12 @@ fn pod_template_commands_are_accepted() {
             assert!(accepted(&c.argv[1..]), "{file}: {}: rejected {:?}", c.name, c.argv);
             if c.serves() {
                 assert!(c.stdin && !c.tty, "{file}: {}: stdin: true, tty: false", c.name);
-                // The jnlp container finds each daemon's socket as $TETHER_DIR/NAME.sock.
+                // The jnlp container finds each daemon's socket as $TETHER_DIR/NAME.sock
+                // (the attach variant has none: its relay makes one).
                 let dir = template.container("jnlp").env_var("TETHER_DIR").expect("TETHER_DIR");
-                assert_eq!(
-                    c.flag("--socket"),
-                    Some(format!("{dir}/{}.sock", c.name).as_str()),
-                    "{file}: {}",
-                    c.name
-                );
+                if let Some(sock) = c.flag("--socket") {
+                    assert_eq!(sock, format!("{dir}/{}.sock", c.name), "{file}: {}", c.name);
+                }
             }
             checked += 1;
         }
@@ -66,11 +68,19 @@ fn dockerfile_entrypoints_are_accepted() {
 }
 
 #[test]
-fn jenkins_run_flags_exist() {
-    let help = Proc::spawn(tether(["run", "--help"]).stdin(Stdio::null()))
-        .finish(TIMEOUT)
-        .stdout_text();
-    for file in ["jenkins/Jenkinsfile", "jenkins/vars/tetherSh.groovy"] {
+fn jenkins_flags_exist() {
+    let help = |command: &str| {
+        Proc::spawn(tether([command, "--help"]).stdin(Stdio::null()))
+            .finish(TIMEOUT)
+            .stdout_text()
+    };
+    for (file, command) in [
+        ("jenkins/Jenkinsfile", "run"),
+        ("jenkins/Jenkinsfile.attach", "run"),
+        ("jenkins/vars/tetherSh.groovy", "run"),
+        ("jenkins/vars/tetherRelay.groovy", "relay"),
+    ] {
+        let help = help(command);
         let text = std::fs::read_to_string(images().join(file)).unwrap();
         let flags: Vec<&str> = text
             .split(|c: char| c.is_whitespace() || "\"'[],=".contains(c))
@@ -92,7 +102,7 @@ fn jenkins_run_flags_exist() {
             {
                 continue;
             }
-            assert!(help.contains(f), "{file}: tether run has no {f}");
+            assert!(help.contains(f), "{file}: tether {command} has no {f}");
         }
     }
 }

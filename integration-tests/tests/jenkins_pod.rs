@@ -58,6 +58,23 @@ fn checkout(pod: &Pod, dockerfile: &str) {
     assert!(r.status.success(), "checkout: {}", r.stderr_text());
 }
 
+/// Asserts that the pipeline run `r` succeeded, listed the checkout in the build's
+/// directory and pushed the image kaniko built from `dockerfile`; its stdout and stderr.
+fn built_and_pushed(r: &integration_tests::Finished, dockerfile: &str) -> (String, String) {
+    let (out, err) = (r.stdout_text(), r.stderr_text());
+    assert_eq!(r.code(), 0, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(
+        out.contains(&format!("building {JOB} #7 in {}\nDockerfile\n", workspace())),
+        "{out}"
+    );
+    let digest = hex(&Sha256::digest(dockerfile.as_bytes()));
+    assert!(
+        out.contains(&format!("pushed localhost:5000/app@sha256:{digest}\n")),
+        "{out}"
+    );
+    (out, err)
+}
+
 fn usable() -> bool {
     runc_usable() && groovy_usable()
 }
@@ -88,17 +105,7 @@ fn jenkins_in_five_minutes_runs_as_shipped() {
         &workspace(),
         &pod.exec_prefix(),
     );
-    let (out, err) = (r.stdout_text(), r.stderr_text());
-    assert_eq!(r.code(), 0, "stdout:\n{out}\nstderr:\n{err}");
-    assert!(
-        out.contains(&format!("building {JOB} #7 in {}\nDockerfile\n", workspace())),
-        "{out}"
-    );
-    let digest = hex(&Sha256::digest(dockerfile.as_bytes()));
-    assert!(
-        out.contains(&format!("pushed localhost:5000/app@sha256:{digest}\n")),
-        "{out}"
-    );
+    let (out, err) = built_and_pushed(&r, dockerfile);
     assert!(err.contains("INFO pushing localhost:5000/app:7"), "{err}");
     assert!(out.contains("Finished: SUCCESS"), "{out}");
     // The workspace is the build's: it stays; the builds' private dirs are gone.
@@ -238,4 +245,43 @@ tether('kaniko') {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn the_attach_variant_runs_its_steps_through_one_relay_over_kubectl_attach() {
+    use integration_tests::k8s::{kubectl_usable, static_kubectl, ApiServer};
+    if !usable() || !kubectl_usable() {
+        return;
+    }
+    if static_kubectl().is_none() {
+        eprintln!("skipped: no static kubectl (kubectl.1.NN beside the kubectl on PATH) for the jnlp container");
+        return;
+    }
+    // The pod's API server: the real kubectl in the jnlp container attaches to the kaniko
+    // container's stdin through it.
+    let api = ApiServer::start();
+    let pod = Pod::start_with("pod-template-attach.yaml", User { uid: 1000, gid: 1000 }, Some(&api));
+    let dockerfile = "FROM scratch\n";
+    checkout(&pod, dockerfile);
+    let mut env = build_env(&pod);
+    // Where in-cluster credentials would be, and a home kubectl may write its cache in.
+    env.push(("KUBECONFIG".into(), "/kubeconfig".into()));
+    env.retain(|(k, _)| k != "HOME");
+    env.push(("HOME".into(), "/tmp".into()));
+    let r = run_pipeline(
+        &jenkins_file("Jenkinsfile.attach"),
+        &env,
+        &workspace(),
+        &pod.exec_prefix(),
+    );
+    let (out, _) = built_and_pushed(&r, dockerfile);
+    assert!(out.contains("Dockerfile found\n"), "{out}");
+    // The relay was stopped after its block: it said goodbye, so the daemon's stdin
+    // stream is free for the next client at once (no stream is left open either).
+    assert!(
+        integration_tests::wait_until(integration_tests::TIMEOUT, || api.open_streams() == 0),
+        "attach streams left open: {}",
+        api.open_streams()
+    );
+    assert!(pod.build_dirs("kaniko").is_empty(), "{:?}", pod.build_dirs("kaniko"));
 }

@@ -3,6 +3,7 @@
 //! runc containers with tether as PID 1). Skipped without kubectl, or without root,
 //! runc and a static busybox.
 
+use std::path::Path;
 use std::process::Stdio;
 
 use integration_tests::container::{runc_usable, Bundle};
@@ -327,4 +328,148 @@ fn a_run_waiting_for_the_stream_says_who_holds_it_and_leaves_at_sigterm() {
     integration_tests::signal(holder.pid(), nix::sys::signal::Signal::SIGTERM);
     let r = holder.finish(TIMEOUT);
     assert_eq!(r.code(), 143, "{}", r.stderr_text());
+}
+
+/// `tether relay --via 'kubectl attach ...' --listen DIR/relay.sock`, running.
+fn start_relay(api: &ApiServer, dir: &std::path::Path) -> (Proc, std::path::PathBuf) {
+    let sock = dir.join("relay.sock");
+    let mut cmd = tether([
+        "relay",
+        "-v",
+        "--via",
+        &attach_via(api),
+        "--listen",
+        sock.to_str().unwrap(),
+    ]);
+    cmd.stdin(Stdio::null());
+    let relay = Proc::spawn(&mut cmd);
+    assert!(
+        integration_tests::wait_until(TIMEOUT, || relay.stderr.text().contains("relaying")),
+        "the relay never connected: {}",
+        relay.stderr.text()
+    );
+    (relay, sock)
+}
+
+/// Starts `n` pipeline steps through the relay at `sock`: step `i` prints `lines` lines
+/// "step {i} line {j}", 50 ms apart, and exits with status `i`.
+fn spawn_steps(sock: &Path, n: usize, lines: usize) -> Vec<(usize, Proc)> {
+    (0..n)
+        .map(|i| {
+            let script = format!(
+                "j=1; while [ $j -le {lines} ]; do echo \"step {i} line $j\"; j=$((j+1)); sleep 0.05; done; exit {i}"
+            );
+            let mut cmd = tether(["run", "--socket", sock.to_str().unwrap(), "--sh", &script]);
+            cmd.stdin(Stdio::null());
+            (i, Proc::spawn(&mut cmd))
+        })
+        .collect()
+}
+
+/// Asserts that every step of [`spawn_steps`] printed exactly its own lines, all of them,
+/// and exited with its own status.
+fn finish_steps(steps: Vec<(usize, Proc)>, lines: usize) {
+    for (i, p) in steps {
+        let r = p.finish(Duration::from_secs(60));
+        let want: String = (1..=lines).map(|j| format!("step {i} line {j}\n")).collect();
+        assert_eq!(
+            (r.code(), r.stdout_text()),
+            (i as i32, want),
+            "step {i}: {}",
+            r.stderr_text()
+        );
+    }
+}
+
+#[test]
+fn sixteen_concurrent_steps_through_a_relay_on_one_attach_stream() {
+    if !usable() {
+        return;
+    }
+    let api = quick_pod();
+    let dir = tempfile::tempdir().unwrap();
+    let (relay, sock) = start_relay(&api, dir.path());
+    let clients = spawn_steps(&sock, 16, 10);
+    finish_steps(clients, 10);
+    // One stream carried them all: the relay's.
+    assert_eq!(api.open_streams(), 1, "{}", relay.stderr.text());
+}
+
+#[test]
+fn the_relay_resumes_every_build_when_the_api_server_drops_its_stream() {
+    if !usable() {
+        return;
+    }
+    let api = quick_pod();
+    let dir = tempfile::tempdir().unwrap();
+    let (relay, sock) = start_relay(&api, dir.path());
+    let clients = spawn_steps(&sock, 4, 60);
+    for (i, p) in &clients {
+        assert!(
+            integration_tests::wait_until(TIMEOUT, || p.stdout.text().contains(&format!("step {i} line 5\n"))),
+            "{}",
+            p.stderr.text()
+        );
+    }
+    // An API server restart: every attach stream is cut without a word.
+    assert_eq!(api.drop_streams(), 1);
+    finish_steps(clients, 60);
+    assert!(relay.stderr.text().contains("reconnect"), "{}", relay.stderr.text());
+}
+
+#[test]
+fn a_private_channel_through_kubectl_exec_needs_no_turn_on_the_stream() {
+    if !usable() {
+        return;
+    }
+    let api = quick_pod();
+    let holder = Proc::spawn(
+        tether([
+            "run",
+            "--via",
+            &attach_via(&api),
+            "--sh",
+            "echo holding; sleep 15; exit 2",
+        ])
+        .stdin(Stdio::null()),
+    );
+    assert!(
+        integration_tests::wait_until(TIMEOUT, || holder.stdout.text().contains("holding")),
+        "{}",
+        holder.stderr.text()
+    );
+    let private = api.kubectl_line(&format!(
+        "exec -i {POD} -c kaniko -- /kaniko/tether dial-stdio --socket /kaniko/tether.sock"
+    ));
+    let mut shell = tether(["shell", "--via", &private, "-T"]);
+    shell.stdin(Stdio::piped());
+    let mut shell = Proc::spawn(&mut shell);
+    {
+        use std::io::Write;
+        shell.stdin().write_all(b"echo private; exit 4\n").unwrap();
+    }
+    let s = shell.finish(TIMEOUT);
+    assert_eq!(
+        (s.code(), s.stdout_text()),
+        (4, "private\n".to_owned()),
+        "{}",
+        s.stderr_text()
+    );
+    assert!(
+        !s.stderr_text().contains("held by another client"),
+        "{}",
+        s.stderr_text()
+    );
+    let mut holder = holder;
+    assert!(
+        holder.wait_timeout(Duration::from_millis(10)).is_none(),
+        "the pipeline's run went on meanwhile"
+    );
+    let r = holder.finish(Duration::from_secs(30));
+    assert_eq!(
+        (r.code(), r.stdout_text()),
+        (2, "holding\n".to_owned()),
+        "{}",
+        r.stderr_text()
+    );
 }

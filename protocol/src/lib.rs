@@ -34,7 +34,7 @@ pub use message::*;
 pub const PREAMBLE: &[u8] = b"<===[TETHER]===>\n";
 
 /// The protocol version this crate speaks. Bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 8;
+pub const PROTOCOL_VERSION: u32 = 9;
 
 /// Largest payload a frame may carry. A header that claims more is corrupt; no reader
 /// ever allocates more than this (plus the header) for one frame.
@@ -43,6 +43,10 @@ pub const MAX_PAYLOAD: usize = 128 * 1024;
 /// Largest block of bulk data (output, stdin) put into one message. Leaves room below
 /// [`MAX_PAYLOAD`] for the message's other fields.
 pub const MAX_CHUNK: usize = 64 * 1024;
+
+/// Largest message a sub-session carries ([`ClientMessage::Sub`],
+/// [`DaemonMessage::Sub`]): its wrapping must still fit in a frame.
+pub const MAX_SUB_PAYLOAD: usize = MAX_PAYLOAD - 16;
 
 /// Bytes a client that takes over a stream sends before its preamble: enough to complete
 /// any frame an earlier client left half-written, so that the daemon's reader is back at

@@ -133,6 +133,15 @@ pub enum ClientMessage {
     /// on) and, on its stdin stream, announces that nobody holds the stream any more
     /// ([`DaemonMessage::Channel`]), so a client waiting for it can start at once.
     Goodbye,
+    /// Tag 20. A message of sub-session `sub`: `message` is the payload of one frame
+    /// (an encoded `ClientMessage`, never a `Sub` or `SubEnd`) of a client that a relay
+    /// serves through this session (`tether relay`). The daemon serves each sub-session
+    /// as it serves a socket connection; its first message is its `Hello`. At most
+    /// [`crate::MAX_SUB_PAYLOAD`] bytes.
+    Sub { sub: u32, message: Bytes },
+    /// Tag 21. Sub-session `sub`'s client went away: the daemon ends that session, as at
+    /// the end of a socket connection (its builds go on).
+    SubEnd { sub: u32 },
 }
 
 /// A SHA-256 digest.
@@ -244,6 +253,12 @@ pub enum DaemonMessage {
     /// starts or ends, periodically while one is held, and to refuse a `Hello` that came
     /// while another client held the stream.
     Channel(ChannelState),
+    /// Tag 25. A message to sub-session `sub` ([`ClientMessage::Sub`]): the payload of
+    /// one frame for that client (an encoded `DaemonMessage`).
+    Sub { sub: u32, message: Bytes },
+    /// Tag 26. Sub-session `sub` ended on the daemon's side (it was dropped or refused):
+    /// the relay closes its client's connection.
+    SubEnd { sub: u32 },
 }
 
 /// The state of a daemon's stdin stream, shared by every client attached to it

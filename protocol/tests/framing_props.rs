@@ -234,6 +234,8 @@ fn client_message() -> impl Strategy<Value = ClientMessage> {
         (int(), window_size()).prop_map(|(shell, size)| ClientMessage::ShellResize { shell, size }),
         int().prop_map(|shell| ClientMessage::ShellHangUp { shell }),
         Just(ClientMessage::Goodbye),
+        (any::<u32>(), bytes()).prop_map(|(sub, message)| ClientMessage::Sub { sub, message }),
+        any::<u32>().prop_map(|sub| ClientMessage::SubEnd { sub }),
         (int(), any::<bool>()).prop_map(|(nonce, takeover)| ClientMessage::Hello(Hello::new("0.1.0", nonce, takeover))),
     ]
     .prop_filter("fits in a frame", fits)
@@ -431,6 +433,8 @@ fn daemon_message() -> impl Strategy<Value = DaemonMessage> {
                 }),
                 refused,
             })),
+        (any::<u32>(), bytes()).prop_map(|(sub, message)| DaemonMessage::Sub { sub, message }),
+        any::<u32>().prop_map(|sub| DaemonMessage::SubEnd { sub }),
     ]
     .prop_filter("fits in a frame", fits)
 }

@@ -37,6 +37,8 @@ fn client_tag(m: &ClientMessage) -> u8 {
         ClientMessage::ShellResize { .. } => 17,
         ClientMessage::ShellHangUp { .. } => 18,
         ClientMessage::Goodbye => 19,
+        ClientMessage::Sub { .. } => 20,
+        ClientMessage::SubEnd { .. } => 21,
     }
 }
 
@@ -68,11 +70,13 @@ fn daemon_tag(m: &DaemonMessage) -> u8 {
         DaemonMessage::HeldBefore { .. } => 22,
         DaemonMessage::ShuttingDown { .. } => 23,
         DaemonMessage::Channel(_) => 24,
+        DaemonMessage::Sub { .. } => 25,
+        DaemonMessage::SubEnd { .. } => 26,
     }
 }
 
-const CLIENT_TAGS: u8 = 20;
-const DAEMON_TAGS: u8 = 25;
+const CLIENT_TAGS: u8 = 22;
+const DAEMON_TAGS: u8 = 27;
 
 fn all_error_kinds() -> Vec<ErrorKind> {
     use ErrorKind::*;
@@ -366,6 +370,11 @@ fn client_messages() -> Vec<ClientMessage> {
         ClientMessage::ShellHangUp { shell: 19 },
         ClientMessage::Goodbye,
         ClientMessage::Hello(Hello::new("0.1.0", 0x0123_4567_89ab_cdef, true)),
+        ClientMessage::Sub {
+            sub: 7,
+            message: b(&[2, 9]),
+        },
+        ClientMessage::SubEnd { sub: u32::MAX },
     ]
 }
 
@@ -619,6 +628,11 @@ fn daemon_messages() -> Vec<DaemonMessage> {
             holder: None,
             refused: None,
         }),
+        DaemonMessage::Sub {
+            sub: 1,
+            message: b(&[3, 4]),
+        },
+        DaemonMessage::SubEnd { sub: 0 },
         DaemonMessage::ShuttingDown {
             reason: "received SIGTERM".into(),
         },
@@ -741,7 +755,7 @@ fn example_frames_of_protocol_md() {
     let mut f = Vec::new();
     encode_frame(&hello, &mut f).unwrap();
     let mut want = vec![
-        0xf4, 0x54, 0x48, 0x52, 0x22, 0x00, 0x00, 0x00, 0x1f, 0x70, 0x2f, 0xc9, 0x00, 0x08, 0x05,
+        0xf4, 0x54, 0x48, 0x52, 0x22, 0x00, 0x00, 0x00, 0x30, 0x5b, 0x16, 0x93, 0x00, 0x09, 0x05,
     ];
     want.extend_from_slice(b"0.1.0");
     want.extend_from_slice(&[0x01, 0x18]);
@@ -749,7 +763,7 @@ fn example_frames_of_protocol_md() {
     assert_eq!(f, want);
     assert_eq!(
         tether_protocol::frame::frame_crc(&f[..8], &f[FRAME_HEADER_LEN..]),
-        0xc92f_701f
+        0x9316_5b30
     );
     let run = ClientMessage::Run {
         req: 1,
@@ -793,7 +807,7 @@ fn preamble_and_constants() {
     assert_eq!(SYNC_PAD_LEN, 131_084);
     assert_eq!(DEFAULT_STDIN_WINDOW, 262_144);
     assert_eq!(DEFAULT_UPLOAD_WINDOW, 8_388_608);
-    assert_eq!(PROTOCOL_VERSION, 8);
+    assert_eq!(PROTOCOL_VERSION, 9);
 }
 
 #[test]

@@ -63,6 +63,10 @@ const TAKE_TURN: Duration = Duration::from_millis(400);
 /// (another client's bytes may have cut it).
 const HELLO_WAIT: Duration = Duration::from_secs(3);
 
+/// How long a client leaving at a signal gives its `--via` command to pass its Goodbye
+/// on and exit, before it ends the command's process group.
+const LEAVE_GRACE: Duration = Duration::from_millis(200);
+
 /// Lines of a `--via` command's stderr kept for an error message.
 const STDERR_LINES: usize = 8;
 
@@ -696,8 +700,11 @@ impl Connection {
             writer.shutdown().await;
         };
         let _ = tokio::time::timeout(Duration::from_millis(100), goodbye).await;
-        // `Spawned`'s drop signals the group.
-        drop(child);
+        // A `--via` command (kubectl) passes the Goodbye on and exits once its stdin
+        // closed: a moment for that, then `Spawned`'s drop signals the group.
+        if let Some(mut child) = child {
+            let _ = tokio::time::timeout(LEAVE_GRACE, child.wait()).await;
+        }
     }
 
     async fn abort(&mut self) {

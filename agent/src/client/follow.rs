@@ -26,6 +26,7 @@ use tether_protocol::{self as wire, BuildId, ClientMessage, DaemonMessage, Error
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
 
+use super::backoff::Backoff;
 use super::connect::{clock, connect, Connection};
 use super::exit;
 use super::output::Output;
@@ -41,10 +42,6 @@ const CANCEL: u32 = 2;
 const RELEASE: u32 = 3;
 /// Download `i` of a run is request `DOWNLOAD + i`.
 const DOWNLOAD: u32 = 100;
-
-/// First and largest pause between reconnection attempts.
-const BACKOFF_START: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// What the loop is for.
 // One per client process: the size of its largest variant costs nothing.
@@ -162,7 +159,7 @@ pub async fn follow(goal: Goal, connect_args: &ConnectArgs, out: &mut Output) ->
     };
     // Since when the client has been trying to get a working connection back.
     let mut lost_since: Option<Instant> = None;
-    let mut pause = BACKOFF_START;
+    let mut backoff = Backoff::default();
     loop {
         progress.advanced = false;
         let result = session(&mut conn, &goal, &mut progress, out, connect_args, &mut signals).await;
@@ -180,11 +177,11 @@ pub async fn follow(goal: Goal, connect_args: &ConnectArgs, out: &mut Output) ->
                 conn.close().await;
                 if progress.advanced {
                     lost_since = None;
-                    pause = BACKOFF_START;
+                    backoff.reset();
                 }
                 let deadline = *lost_since.get_or_insert_with(Instant::now) + connect_args.reconnect_timeout;
                 conn = tokio::select! {
-                    conn = reconnect_with_backoff(connect_args, e, deadline, &mut pause) => conn?,
+                    conn = reconnect_with_backoff(connect_args, e, deadline, &mut backoff) => conn?,
                     sig = signals.recv() => return Ok(leave_unconnected(sig, &goal, &progress)),
                     _ = sleep_until(progress.leaving.map_or_else(far_future, |(_, at)| at)), if progress.leaving.is_some() => {
                         let sig = progress.leaving.map_or(libc::SIGTERM, |(sig, _)| sig);
@@ -214,14 +211,12 @@ fn leave_unconnected(sig: i32, goal: &Goal, progress: &Progress) -> i32 {
     signals::exit_code(sig)
 }
 
-/// Connects again after a pause that doubles from [`BACKOFF_START`] to [`BACKOFF_MAX`]
-/// (each one jittered, so that clients that lost the same daemon do not all come back
-/// at once), until `deadline`.
+/// Connects again after each of `backoff`'s pauses, until `deadline`.
 async fn reconnect_with_backoff(
     args: &ConnectArgs,
     why: anyhow::Error,
     deadline: Instant,
-    pause: &mut Duration,
+    backoff: &mut Backoff,
 ) -> anyhow::Result<Connection> {
     let mut last = why;
     let give_up = |last: &anyhow::Error| {
@@ -231,12 +226,11 @@ async fn reconnect_with_backoff(
         )
     };
     loop {
-        let wait = jittered(*pause);
+        let wait = backoff.next_pause();
         if Instant::now() + wait > deadline {
             return Err(give_up(&last));
         }
         tokio::time::sleep(wait).await;
-        *pause = (*pause * 2).min(BACKOFF_MAX);
         match tokio::time::timeout_at(deadline, connect(args)).await {
             Ok(Ok(conn)) => {
                 tracing::info!("reconnected");
@@ -249,13 +243,6 @@ async fn reconnect_with_backoff(
             Err(_) => return Err(give_up(&last)),
         }
     }
-}
-
-/// Between half of `pause` and all of it.
-fn jittered(pause: Duration) -> Duration {
-    let half = pause / 2;
-    let spread = half.as_nanos().max(1) as u64;
-    half + Duration::from_nanos(crate::ids::random_u64() % spread)
 }
 
 /// Stdin forwarding state.

@@ -2,6 +2,7 @@
 //! codes (the `docker run` / `timeout` conventions, see [`exit`]).
 
 pub mod attach;
+pub mod backoff;
 pub mod cancel;
 pub mod connect;
 pub mod dial;
@@ -10,6 +11,7 @@ pub mod exit;
 pub mod follow;
 pub mod output;
 pub mod ps;
+pub mod relay;
 pub mod release;
 pub mod reqs;
 pub mod run;

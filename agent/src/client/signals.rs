@@ -7,7 +7,7 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 
 /// How long a client that was asked to leave waits for what it started to end (a
 /// cancelled build's `Exited`) before it leaves anyway: within a second in all.
-pub const LEAVE_WAIT: std::time::Duration = std::time::Duration::from_millis(700);
+pub const LEAVE_WAIT: std::time::Duration = std::time::Duration::from_millis(600);
 
 pub struct Signals {
     int: Signal,

@@ -270,6 +270,11 @@ async fn read_loop(
     }
 }
 
+/// A fresh session id (for logs; sub-sessions draw from the same counter).
+pub fn next_session_id() -> u64 {
+    NEXT_SESSION.fetch_add(1, Ordering::Relaxed)
+}
+
 /// A `Channel` announcement for the writer.
 fn channel(holder: Option<wire::Holder>, refused: Option<u64>) -> WriterCmd {
     WriterCmd::Broadcast(DaemonMessage::Channel(wire::ChannelState { holder, refused }))
@@ -284,7 +289,7 @@ async fn start_session(
     ping: &mut tokio::time::Interval,
 ) -> bool {
     let (out, rx) = outbox();
-    let id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
+    let id = next_session_id();
     if let Some(old) = session.replace(Session::new(id, Arc::clone(daemon), out)) {
         tracing::info!(
             old = old.id,

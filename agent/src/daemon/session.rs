@@ -3,15 +3,25 @@
 //! A session begins with the client's preamble and ends at EOF, on a new preamble on
 //! the same stream (takeover), or when the connection fails. Ending a session never
 //! touches builds: they outlive their clients.
+//!
+//! A session may carry *sub-sessions*: a relay (`tether relay`) holds one session on
+//! the daemon's stdin stream and serves many local clients through it, each as a
+//! sub-session whose messages travel wrapped in `Sub` (PROTOCOL.md, "Relays"). A
+//! sub-session is a session like any other, with its own queues; a forwarder wraps what
+//! is queued for it into this session's queues, control into control and data into data,
+//! so a sub-session's client that falls behind moves its build followers to the spool
+//! like any other. Sub-sessions end with their `SubEnd`, or with this session.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+
+use tokio::task::JoinHandle;
 
 use tether_protocol::{
     self as wire, check_hello, BuildId, ClientMessage, DaemonMessage, ErrorKind, ErrorReport, Hello, RequestId,
 };
 
-use super::outbox::Outbox;
+use super::outbox::{outbox, Outbox, OutboxRx};
 use super::shells::Shells;
 use super::upload::{RouteError, UploadRoute};
 use super::Daemon;
@@ -27,6 +37,21 @@ pub struct Session {
     uploads: HashMap<RequestId, UploadRoute>,
     /// This session's shells, hung up when it ends.
     shells: Shells,
+    /// The sub-sessions a relay serves through this session, by their number.
+    subs: HashMap<u32, SubSession>,
+}
+
+/// A sub-session and the task that wraps its messages into its parent's queues.
+struct SubSession {
+    session: Box<Session>,
+    forwarder: JoinHandle<()>,
+}
+
+impl Drop for SubSession {
+    fn drop(&mut self) {
+        // Its queues go with it: followers of its builds see the session gone.
+        self.forwarder.abort();
+    }
 }
 
 impl Session {
@@ -38,6 +63,7 @@ impl Session {
             greeted: None,
             uploads: HashMap::new(),
             shells: Shells::default(),
+            subs: HashMap::new(),
         }
     }
 
@@ -49,6 +75,9 @@ impl Session {
     /// Sends a heartbeat (dropped when the client is that far behind).
     pub fn ping(&self, nonce: u64) {
         self.out.try_control(DaemonMessage::Ping { nonce });
+        for sub in self.subs.values() {
+            sub.session.ping(nonce);
+        }
     }
 
     /// Tells the client that the daemon is stopping (dropped when the client is so far
@@ -86,6 +115,12 @@ impl Session {
             ClientMessage::Pong { .. } => {}
             // The connection ends the session (see `super::connection`).
             ClientMessage::Goodbye => {}
+            ClientMessage::Sub { sub, message } => Box::pin(self.on_sub(sub, &message)).await,
+            ClientMessage::SubEnd { sub } => {
+                if self.subs.remove(&sub).is_some() {
+                    tracing::debug!(session = self.id, sub, "sub-session ended");
+                }
+            }
             ClientMessage::Run { req, spec, follow } => self.on_run(req, *spec, follow).await,
             ClientMessage::Attach {
                 req,
@@ -184,6 +219,40 @@ impl Session {
         }
     }
 
+    /// A message of sub-session `sub`, started by its first message.
+    async fn on_sub(&mut self, sub: u32, message: &[u8]) {
+        let msg = match wire::decode::<ClientMessage>(message) {
+            Ok(ClientMessage::Sub { .. } | ClientMessage::SubEnd { .. }) => {
+                let text = format!("sub-session {sub}: a sub-session cannot carry sub-sessions");
+                self.error(None, None, ErrorKind::BadRequest, text).await;
+                return;
+            }
+            Ok(msg) => msg,
+            Err(e) => {
+                let text = format!("sub-session {sub}: undecodable message skipped: {e}");
+                self.error(None, None, ErrorKind::Protocol, text).await;
+                return;
+            }
+        };
+        // A message for a sub-session that just ended (`Goodbye`) starts none.
+        if matches!(msg, ClientMessage::Goodbye) {
+            self.subs.remove(&sub);
+            self.out.control(DaemonMessage::SubEnd { sub }).await;
+            return;
+        }
+        if !self.subs.contains_key(&sub) {
+            let (out, rx) = outbox();
+            let id = super::connection::next_session_id();
+            tracing::debug!(session = self.id, sub, id, "sub-session started");
+            let forwarder = tokio::spawn(forward_sub(sub, rx, self.out.clone()));
+            let session = Box::new(Session::new(id, Arc::clone(&self.daemon), out));
+            self.subs.insert(sub, SubSession { session, forwarder });
+        }
+        if let Some(s) = self.subs.get_mut(&sub) {
+            s.session.handle(msg).await;
+        }
+    }
+
     async fn report(&self, result: Result<(), ErrorReport>) {
         if let Err(e) = result {
             self.out.control(DaemonMessage::Error(e)).await;
@@ -252,4 +321,47 @@ impl Session {
             }
         }
     }
+}
+
+/// Wraps what is queued for sub-session `sub` into its parent's queues, control before
+/// data, until the sub-session's queues are gone; then says the sub-session ended.
+async fn forward_sub(sub: u32, mut rx: OutboxRx, parent: Outbox) {
+    let wrap = |msg: &DaemonMessage| -> Option<DaemonMessage> {
+        let mut frame = Vec::new();
+        match crate::wire::push_frame(&mut frame, msg) {
+            Ok(()) if frame.len() - wire::FRAME_HEADER_LEN <= wire::MAX_SUB_PAYLOAD => Some(DaemonMessage::Sub {
+                sub,
+                message: wire::Bytes::from(frame.split_off(wire::FRAME_HEADER_LEN)),
+            }),
+            _ => {
+                tracing::warn!(sub, "a message too large for a sub-session was dropped");
+                None
+            }
+        }
+    };
+    let mut data_open = true;
+    loop {
+        tokio::select! {
+            biased;
+            Some(msg) = rx.control.recv() => {
+                if let Some(m) = wrap(&msg) {
+                    if !parent.control(m).await {
+                        return;
+                    }
+                }
+            }
+            msg = rx.data.recv(), if data_open => match msg {
+                Some(msg) => {
+                    if let Some(m) = wrap(&msg) {
+                        if !parent.data(m).await {
+                            return;
+                        }
+                    }
+                }
+                None => data_open = false,
+            },
+            else => break,
+        }
+    }
+    parent.control(DaemonMessage::SubEnd { sub }).await;
 }

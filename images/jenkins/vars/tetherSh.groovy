@@ -5,7 +5,8 @@
 //   String version = tetherSh(script: 'git describe', returnStdout: true).trim()
 //
 // Each build container runs `tether serve` with its socket on the shared workspace
-// volume, at $TETHER_DIR/NAME.sock; the client is $TETHER_DIR/tether. TETHER_DIR is set
+// volume, at $TETHER_DIR/NAME.sock (inside a tetherRelay('NAME') { } block, the relay's
+// socket instead); the client is $TETHER_DIR/tether. TETHER_DIR is set
 // in the jnlp container by images/jenkins/pod-template.yaml. The step hands `sh` one
 // `tether run` command: the script runs in the build container, and `sh` in the jnlp
 // container streams its output and ends with its exact exit code. No Kubernetes exec.
@@ -70,7 +71,9 @@ def call(Map args) {
     error("tetherSh: TETHER_DIR is not set; the pod template's jnlp container sets it (images/jenkins/pod-template.yaml)")
   }
 
-  List<String> cmd = [quote(tetherDir + '/tether'), 'run', '--socket', quote(tetherDir + '/' + container + '.sock')]
+  // tetherRelay sets TETHER_SOCKETS: its relays' sockets, one per container.
+  String sockets = env.TETHER_SOCKETS ?: tetherDir
+  List<String> cmd = [quote(tetherDir + '/tether'), 'run', '--socket', quote(sockets + '/' + container + '.sock')]
   if (args.workdir) {
     if (!args.workdir.toString().startsWith('/')) {
       error("tetherSh: workdir must be an absolute path, got '${args.workdir}'")

@@ -137,7 +137,7 @@ fn wait_deadline(child: &mut Child, deadline: Instant) -> anyhow::Result<Option<
 /// `stderr`, in its own process group) and returns its latency in ms: from just before
 /// the spawn to its exit reaped. Fails if it fails or outlives
 /// [`STEP_TIMEOUT`] (its group is killed then).
-fn time_command(mut cmd: Command, what: &str, stderr: &mut Captured) -> anyhow::Result<f64> {
+pub(crate) fn time_command(mut cmd: Command, what: &str, stderr: &mut Captured) -> anyhow::Result<f64> {
     cmd.stdout(Stdio::null()).stderr(stderr.stdio()?).process_group(0);
     let t0 = Instant::now();
     let mut child = cmd.spawn().with_context(|| format!("cannot start {what}"))?;
@@ -165,14 +165,14 @@ fn time_command(mut cmd: Command, what: &str, stderr: &mut Captured) -> anyhow::
 
 /// How many steps a batch runs: `n`, or fewer (at least `min`) once `budget` is spent.
 #[derive(Clone, Copy)]
-struct Count {
-    n: usize,
-    min: usize,
-    budget: Option<Duration>,
+pub(crate) struct Count {
+    pub(crate) n: usize,
+    pub(crate) min: usize,
+    pub(crate) budget: Option<Duration>,
 }
 
 impl Count {
-    fn exact(n: usize) -> Count {
+    pub(crate) fn exact(n: usize) -> Count {
         Count {
             n,
             min: n,
@@ -182,7 +182,7 @@ impl Count {
 }
 
 /// Steps, each a fresh command from `make` (stdin /dev/null); their latencies in ms.
-fn batch(count: Count, what: &str, mut make: impl FnMut() -> Command) -> anyhow::Result<Vec<f64>> {
+pub(crate) fn batch(count: Count, what: &str, mut make: impl FnMut() -> Command) -> anyhow::Result<Vec<f64>> {
     let mut stderr = Captured::new()?;
     let t0 = Instant::now();
     let mut lat = Vec::with_capacity(count.n);
@@ -202,13 +202,13 @@ fn batch(count: Count, what: &str, mut make: impl FnMut() -> Command) -> anyhow:
 // ---------------------------------------------------------------------------------------
 
 /// The per-step latencies (ms) of one mechanism, one list per repetition.
-struct Series {
-    name: String,
-    reps: Vec<Vec<f64>>,
+pub(crate) struct Series {
+    pub(crate) name: String,
+    pub(crate) reps: Vec<Vec<f64>>,
 }
 
 impl Series {
-    fn new(name: impl Into<String>) -> Series {
+    pub(crate) fn new(name: impl Into<String>) -> Series {
         Series {
             name: name.into(),
             reps: Vec::new(),
@@ -241,7 +241,7 @@ impl Series {
     }
 
     /// "p50 X ms p99 Y ms" of the last repetition, for progress lines.
-    fn last(&self) -> String {
+    pub(crate) fn last(&self) -> String {
         match self.reps.last() {
             Some(r) => format!(
                 "{} (n={}) p50 {} ms p99 {} ms",
@@ -261,7 +261,7 @@ fn stats(v: Vec<f64>) -> anyhow::Result<Stats> {
 
 /// p50 and p99 latency rows (per repetition, then median [min-max] over them); `notes`
 /// go on the first.
-fn latency_rows(
+pub(crate) fn latency_rows(
     scenario: &str,
     tether: &Series,
     base: &Series,
@@ -298,7 +298,7 @@ fn latency_rows(
 
 /// The speed-up row: step rates at p50 (1000 / p50), so that the ratio (tether over the
 /// baseline, per repetition) is the baseline's p50 over tether's.
-fn speedup_row(scenario: &str, tether: &Series, base: &Series) -> anyhow::Result<Row> {
+pub(crate) fn speedup_row(scenario: &str, tether: &Series, base: &Series) -> anyhow::Result<Row> {
     Ok(Row {
         scenario: scenario.to_owned(),
         metric: format!("steps/s at p50 (ratio = {} p50 / tether p50)", base.name),

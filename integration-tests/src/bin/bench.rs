@@ -6,7 +6,7 @@
 //!     [--plot DIR] [--only SCENARIO[,SCENARIO...]] [--reps N]
 //!
 //! Scenarios: stream, sequential, idle-memory, ping-under-flood, stalled-memory,
-//! logs-replay, transfer, container, keystroke, concurrency, cold-start, steps.
+//! logs-replay, transfer, container, keystroke, concurrency, cold-start, steps, kubectl.
 //! ```
 //!
 //! The tether binary is `$TETHER_BIN`, else `target/release/tether` of this workspace
@@ -29,6 +29,8 @@ mod container_figures;
 mod idle_memory;
 #[path = "../bench/keystroke.rs"]
 mod keystroke;
+#[path = "../bench/kubectl.rs"]
+mod kubectl;
 #[path = "../bench/logs_replay.rs"]
 mod logs_replay;
 #[path = "../bench/ping_flood.rs"]
@@ -81,6 +83,7 @@ fn scenarios() -> Vec<Box<dyn Scenario>> {
         Box::new(concurrency::Concurrency),
         Box::new(cold_start::ColdStart),
         Box::new(steps::Steps),
+        Box::new(kubectl::Kubectl),
     ]
 }
 

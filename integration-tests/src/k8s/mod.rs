@@ -62,6 +62,34 @@ pub fn kubectl_usable() -> bool {
     }
 }
 
+/// A statically linked kubectl to put into a container image: one of the versioned
+/// binaries the Google Cloud SDK keeps beside its `kubectl` dispatcher (which itself only
+/// runs where they are), the newest first; `None` when there is none.
+pub fn static_kubectl() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    let kubectl = std::env::split_paths(&path)
+        .map(|d| d.join("kubectl"))
+        .find(|p| p.is_file())?;
+    let dir = kubectl.canonicalize().ok()?.parent()?.to_path_buf();
+    let mut versioned: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("kubectl.1."))
+        })
+        .collect();
+    versioned.sort_by_key(|p| {
+        let minor = p
+            .extension()
+            .and_then(|e| e.to_str())
+            .and_then(|m| m.parse::<u32>().ok());
+        std::cmp::Reverse(minor.unwrap_or(0))
+    });
+    versioned.into_iter().next()
+}
+
 /// A container the server serves: its streams, and how to exec into it.
 struct Container {
     io: Arc<ContainerIo>,
@@ -219,6 +247,8 @@ impl Drop for ApiServer {
 
 async fn accept_loop(listener: TcpListener, state: Arc<State>) {
     while let Ok((stream, _)) = listener.accept().await {
+        // As Go's servers do: no Nagle delay on small WebSocket messages.
+        let _ = stream.set_nodelay(true);
         tokio::spawn(serve(stream, Arc::clone(&state)));
     }
 }
