@@ -326,6 +326,8 @@ fn tether_welcome(ctx: &Ctx, bin: &Path, hello: &[u8]) -> anyhow::Result<Duratio
                     Decoded::Preamble => {}
                     Decoded::Frame(p) => match decode::<DaemonMessage>(p)? {
                         DaemonMessage::Welcome(_) => return Ok(t0.elapsed()),
+                        // The stream's announcement of its holder, for other clients.
+                        DaemonMessage::Channel(_) => {}
                         DaemonMessage::Error(e) => bail!("Hello refused: {:?}: {}", e.kind, e.message),
                         m => bail!("unexpected message before Welcome: {m:?}"),
                     },

@@ -85,16 +85,18 @@ impl Link {
         Ok(())
     }
 
-    /// The next message, or `None` once `deadline` passed without one. Preambles are
-    /// skipped; damage is an error (a local pipe must not damage anything).
+    /// The next message, or `None` once `deadline` passed without one. Preambles and
+    /// `Channel` announcements are skipped; damage is an error (a local pipe must not damage anything).
     fn next(&mut self, deadline: Instant) -> anyhow::Result<Option<DaemonMessage>> {
         loop {
             match self.dec.decode() {
                 Some(Decoded::Preamble) => continue,
                 Some(Decoded::Frame(p)) => {
-                    let m =
-                        decode::<DaemonMessage>(p).map_err(|e| anyhow!("undecodable frame from the daemon: {e}"))?;
-                    return Ok(Some(m));
+                    match decode::<DaemonMessage>(p).map_err(|e| anyhow!("undecodable frame from the daemon: {e}"))? {
+                        // The stream's announcements of its holder, for other clients.
+                        DaemonMessage::Channel(_) => continue,
+                        m => return Ok(Some(m)),
+                    }
                 }
                 Some(Decoded::Corrupt(c)) => bail!("damaged stream from the daemon: {c}"),
                 None => {}

@@ -172,17 +172,19 @@ impl Session {
     }
 
     /// The next item from the daemon, waiting until `deadline`. Damaged or undecodable
-    /// frames are errors: a local pipe must not damage anything.
+    /// frames are errors: a local pipe must not damage anything. `Channel`
+    /// announcements (who holds a stdin stream) are for other clients: skipped.
     pub fn recv(&mut self, deadline: Instant) -> anyhow::Result<Incoming> {
         loop {
             let item = match self.dec.decode() {
                 None => None,
                 Some(Decoded::Preamble) => Some(Ok(Incoming::Preamble)),
-                Some(Decoded::Frame(payload)) => Some(
-                    decode::<DaemonMessage>(payload)
-                        .map(Incoming::Message)
-                        .map_err(|e| anyhow!("undecodable frame from the daemon: {e}")),
-                ),
+                Some(Decoded::Frame(payload)) => match decode::<DaemonMessage>(payload) {
+                    // The stream's announcements of its holder, for other clients.
+                    Ok(DaemonMessage::Channel(_)) => None,
+                    Ok(m) => Some(Ok(Incoming::Message(m))),
+                    Err(e) => Some(Err(anyhow!("undecodable frame from the daemon: {e}"))),
+                },
                 Some(Decoded::Corrupt(c)) => Some(Err(anyhow!("damaged stream from the daemon: {c}"))),
             };
             if let Some(item) = item {
@@ -248,7 +250,9 @@ impl Session {
                 .recv(deadline)
                 .with_context(|| format!("waiting for build {req}"))?
             {
-                Incoming::Preamble => bail!("the daemon restarted the session during build {req}"),
+                // Announcements to the stream (each with a preamble) go on around a
+                // session: they are not its end.
+                Incoming::Preamble => continue,
                 Incoming::Message(m) => m,
             };
             match msg {
