@@ -284,6 +284,11 @@ fn raw_entry(name: &[u8], kind: tar::EntryType, link: &[u8], data: &[u8], size: 
     out
 }
 
+/// An extension header (a GNU long name, a PAX record set) holding `data`.
+fn extension(kind: tar::EntryType, data: &[u8]) -> Vec<u8> {
+    raw_entry(b"././@LongLink", kind, b"", data, data.len() as u64)
+}
+
 fn file(name: &[u8], data: &[u8]) -> Vec<u8> {
     raw_entry(name, tar::EntryType::Regular, b"", data, data.len() as u64)
 }
@@ -351,6 +356,31 @@ fn hostile_archives(canary: &Path) -> Vec<(&'static str, Vec<u8>, &'static str)>
                 a
             },
             "liar",
+        ),
+        (
+            "a GNU long name declaring 256 MiB",
+            {
+                let mut a = raw_entry(b"././@LongLink", tar::EntryType::GNULongName, b"", b"", 256 << 20);
+                a.extend_from_slice(&[b'n'; 64 * 1024]);
+                a
+            },
+            "GNU long name of 268435456 bytes",
+        ),
+        (
+            "a GNU long name of 200 KB",
+            archive(&[
+                extension(tar::EntryType::GNULongName, &[&[b'n'; 200_000][..], b"\0"].concat()),
+                file(b"f", b"x"),
+            ]),
+            "GNU long name of 200001 bytes",
+        ),
+        (
+            "a PAX header of 2 MiB",
+            archive(&[
+                extension(tar::EntryType::XHeader, &vec![b'9'; 2 << 20]),
+                file(b"f", b"x"),
+            ]),
+            "PAX header of 2097152 bytes",
         ),
     ]
 }
@@ -453,6 +483,12 @@ fn the_daemon_refuses_every_hostile_upload_and_never_starts_the_command() {
         assert_eq!(err.kind, ErrorKind::Transfer, "{what}: {err:?}");
         assert_eq!(err.build.as_ref(), Some(&build));
         assert!(err.message.contains(word), "{what}: {:?} lacks {word:?}", err.message);
+        // Whatever the archive named, the refusal is a short message.
+        assert!(
+            err.message.len() < 1024,
+            "{what}: {} bytes of message",
+            err.message.len()
+        );
         assert!(!marker.exists(), "{what}: the command ran");
         assert_untouched(&canary, t.path());
         assert_no_build_dirs(&state);

@@ -21,6 +21,10 @@
 //!   [`UnpackError::ThroughSymlink`] instead of being written through;
 //! - counts entries and regular file bytes against [`UnpackLimits`] before
 //!   writing them, and reads the stream once, never buffering it whole;
+//! - reads the extension headers (GNU long names, PAX records) itself, each
+//!   refused before it is read when it is larger than [`MAX_NAME_LEN`] or
+//!   [`MAX_PAX_LEN`] (see the `headers` module: the `tar` crate would buffer
+//!   them whole);
 //! - applies permission bits only (`mode & 0o777`: setuid, setgid and sticky
 //!   are dropped) and modification times, never ownership: everything belongs
 //!   to the running user. Directory modes and times are applied last, children
@@ -61,6 +65,16 @@ use nix::sys::time::TimeSpec;
 use nix::unistd::{linkat, symlinkat, unlinkat, UnlinkatFlags};
 use tar::{EntryType, Header, HeaderMode};
 
+mod headers;
+
+use headers::{Extension, Extensions, Names};
+pub use headers::{MAX_NAME_LEN, MAX_PAX_LEN};
+
+/// Most characters of an entry name or link target an error shows; the rest is
+/// summarised as its length, so that a hostile name cannot flood a log or outgrow a
+/// reply.
+pub const SHOWN_NAME_LEN: usize = 200;
+
 /// Default cap on the sum of regular file sizes one archive may unpack: 8 GiB.
 pub const DEFAULT_MAX_BYTES: u64 = 8 << 30;
 /// Default cap on the number of entries (of every kind) one archive may hold.
@@ -96,7 +110,7 @@ pub struct UnpackReport {
 }
 
 /// Why [`unpack`] refused or failed an archive. Entry names are shown lossily
-/// (non-UTF-8 bytes replaced).
+/// (non-UTF-8 bytes replaced) and cut at [`SHOWN_NAME_LEN`] characters.
 #[derive(Debug, thiserror::Error)]
 pub enum UnpackError {
     /// The destination directory could not be opened.
@@ -126,6 +140,15 @@ pub enum UnpackError {
     /// The archive holds more entries than allowed.
     #[error("archive holds more than {limit} entries (at entry {entry:?})")]
     TooManyEntries { entry: String, limit: u64 },
+    /// An extension header, or the entry name or link target it gives, is larger
+    /// than allowed ([`MAX_NAME_LEN`], [`MAX_PAX_LEN`]).
+    #[error("archive has a {what} of {size} bytes, more than the limit of {limit} (it starts {start:?})")]
+    HeaderTooLarge {
+        what: &'static str,
+        size: u64,
+        limit: u64,
+        start: String,
+    },
     /// The stream ended early: in a header, or in an entry's data (whose
     /// declared size was larger than what followed).
     #[error("archive is truncated (after or at entry {entry:?})")]
@@ -198,11 +221,24 @@ pub fn unpack(archive: impl Read, dest: &Path, limits: UnpackLimits) -> Result<U
         dirs: Vec::new(),
     };
     let mut last = String::from("<archive start>");
-    let entries = tar.entries().map_err(|e| stream_error(&e, &eof, &last))?;
+    // Raw: extension headers come as entries, read here within bounds.
+    let entries = tar.entries().map_err(|e| stream_error(&e, &eof, &last))?.raw(true);
+    let mut extensions = Extensions::default();
     for entry in entries {
         let mut entry = entry.map_err(|e| stream_error(&e, &eof, &last))?;
-        last = lossy(&entry.path_bytes());
-        state.entry(&mut entry, &eof)?;
+        let kind = entry.header().entry_type();
+        let size = entry.size();
+        if let Some(ext) = Extension::of(kind) {
+            extensions.read(ext, &mut entry, size)?;
+            continue;
+        }
+        let link = entry.header().link_name_bytes();
+        let names = extensions.take(&entry.header().path_bytes(), link.as_deref(), size)?;
+        last = shown(&names.path);
+        state.entry(&mut entry, names, &eof)?;
+    }
+    if extensions.pending() {
+        return Err(UnpackError::Truncated { entry: last });
     }
     state.finish_dirs()?;
     Ok(state.report)
@@ -238,8 +274,14 @@ fn stream_error(e: &io::Error, eof: &Cell<bool>, entry: &str) -> UnpackError {
     }
 }
 
-fn lossy(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
+/// `bytes` as an error shows a name: lossily, and past [`SHOWN_NAME_LEN`]
+/// characters cut, with the whole length said.
+fn shown(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    match text.char_indices().nth(SHOWN_NAME_LEN) {
+        Some((cut, _)) => format!("{}... ({} bytes)", &text[..cut], bytes.len()),
+        None => text.into_owned(),
+    }
 }
 
 /// A directory created or reused by the archive, whose mode and time are
@@ -282,7 +324,7 @@ impl EntryName {
 /// Splits an entry path into normal components, refusing absolute paths and
 /// `..`. Empty and `.` components are dropped.
 fn split_entry_path(raw: &[u8]) -> Result<EntryName, UnpackError> {
-    let shown = lossy(raw);
+    let shown = shown(raw);
     if raw.first() == Some(&b'/') {
         return Err(UnpackError::AbsolutePath { entry: shown });
     }
@@ -302,7 +344,7 @@ fn split_entry_path(raw: &[u8]) -> Result<EntryName, UnpackError> {
 fn check_symlink_target(name: &EntryName, target: &[u8]) -> Result<(), UnpackError> {
     let outside = || UnpackError::LinkOutside {
         entry: name.shown.clone(),
-        target: lossy(target),
+        target: shown(target),
     };
     if target.is_empty() || target.first() == Some(&b'/') {
         return Err(outside());
@@ -335,12 +377,14 @@ fn entry_kind_name(kind: EntryType) -> String {
 }
 
 impl Unpacker {
-    fn entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>, eof: &Cell<bool>) -> Result<(), UnpackError> {
+    fn entry<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<'_, R>,
+        names: Names,
+        eof: &Cell<bool>,
+    ) -> Result<(), UnpackError> {
         let kind = entry.header().entry_type();
-        if kind.is_pax_global_extensions() {
-            return Ok(());
-        }
-        let name = split_entry_path(&entry.path_bytes())?;
+        let name = split_entry_path(&names.path)?;
         if !matches!(
             kind,
             EntryType::Regular | EntryType::Continuous | EntryType::Directory | EntryType::Symlink | EntryType::Link
@@ -370,14 +414,8 @@ impl Unpacker {
         }
         match kind {
             EntryType::Directory => self.directory(name, mode, mtime),
-            EntryType::Symlink => {
-                let target = entry.link_name_bytes().map(|t| t.into_owned()).unwrap_or_default();
-                self.symlink(&name, &target, mtime)
-            }
-            EntryType::Link => {
-                let target = entry.link_name_bytes().map(|t| t.into_owned()).unwrap_or_default();
-                self.hard_link(&name, &target)
-            }
+            EntryType::Symlink => self.symlink(&name, &names.link.unwrap_or_default(), mtime),
+            EntryType::Link => self.hard_link(&name, &names.link.unwrap_or_default()),
             _ => self.regular(entry, &name, mode, mtime, eof),
         }
     }
@@ -458,7 +496,7 @@ impl Unpacker {
     fn hard_link(&mut self, name: &EntryName, target: &[u8]) -> Result<(), UnpackError> {
         let outside = || UnpackError::LinkOutside {
             entry: name.shown.clone(),
-            target: lossy(target),
+            target: shown(target),
         };
         let target_name = match split_entry_path(target) {
             Ok(t) if !t.components.is_empty() && self.files.contains(&t.joined()) => t,
@@ -548,7 +586,7 @@ impl Unpacker {
         dirs.sort_by_key(|d| std::cmp::Reverse(d.components.len()));
         for d in dirs {
             let name = EntryName {
-                shown: lossy(&d.components.join(&b'/')),
+                shown: shown(&d.components.join(&b'/')),
                 components: d.components,
             };
             let parent = self.walk(&name, &name.components[..name.components.len() - 1], false)?;
@@ -651,7 +689,7 @@ pub fn create_dirs_inside(root: &Path, components: &[impl AsRef<OsStr>]) -> Resu
         }
         dir = resolve_inside(root, &next)?;
         if !dir.is_dir() {
-            return Err(InsideError::NotADirectory(format!("{:?}", lossy(c.as_bytes()))));
+            return Err(InsideError::NotADirectory(format!("{:?}", shown(c.as_bytes()))));
         }
     }
     Ok(dir)
@@ -1009,6 +1047,195 @@ mod tests {
         let mut out = entries.concat();
         out.extend_from_slice(&[0u8; 1024]);
         out
+    }
+
+    /// A GNU long name (or long link target) entry holding `name` and its NUL.
+    fn long(kind: EntryType, name: &[u8]) -> Vec<u8> {
+        let mut data = name.to_vec();
+        data.push(0);
+        raw_entry(b"././@LongLink", kind, b"", &data, data.len() as u64)
+    }
+
+    /// A PAX record set (`x` header) holding `records`.
+    fn pax(records: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut data = Vec::new();
+        for (key, value) in records {
+            // "LEN KEY=VALUE\n", where LEN counts the whole record, itself included.
+            let body = [format!(" {key}=").as_bytes(), value, b"\n"].concat();
+            let mut len = body.len() + 1;
+            while len.to_string().len() + body.len() != len {
+                len += 1;
+            }
+            data.extend_from_slice(len.to_string().as_bytes());
+            data.extend_from_slice(&body);
+        }
+        raw_entry(b"PaxHeaders/x", EntryType::XHeader, b"", &data, data.len() as u64)
+    }
+
+    /// Counts the bytes read through it.
+    struct Counted<R> {
+        inner: R,
+        read: Rc<Cell<u64>>,
+    }
+
+    impl<R: Read> Read for Counted<R> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = self.inner.read(buf)?;
+            self.read.set(self.read.get() + n as u64);
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn long_names_and_pax_records_name_entries_and_link_targets() {
+        let s = Scene::new();
+        let deep = |tag: &str| format!("{}/{}", "d".repeat(150), tag.repeat(150)).into_bytes();
+        let a = archive(&[
+            long(EntryType::GNULongName, &deep("a")),
+            file(b"short-a", b"one"),
+            pax(&[("path", &deep("b")), ("mtime", b"1000000.5")]),
+            file(b"short-b", b"two"),
+            long(EntryType::GNULongLink, &deep("a")),
+            raw_entry(b"to-a", EntryType::Symlink, b"wrong", b"", 0),
+            pax(&[("linkpath", &deep("b"))]),
+            raw_entry(b"to-b", EntryType::Symlink, b"wrong", b"", 0),
+        ]);
+        let report = s.unpack(&a).unwrap();
+        assert_eq!(report.entries, 4);
+        let at = |name: &[u8]| s.dest().join(OsStr::from_bytes(name));
+        assert_eq!(fs::read(at(&deep("a"))).unwrap(), b"one");
+        assert_eq!(fs::read(at(&deep("b"))).unwrap(), b"two");
+        assert_eq!(fs::read_link(at(b"to-a")).unwrap().as_os_str().as_bytes(), deep("a"));
+        assert_eq!(fs::read_link(at(b"to-b")).unwrap().as_os_str().as_bytes(), deep("b"));
+        assert!(!at(b"short-a").exists() && !at(b"short-b").exists());
+    }
+
+    #[test]
+    fn extension_headers_over_their_limits_are_refused_before_their_data_is_read() {
+        let huge = 256u64 << 20;
+        for (kind, what, limit) in [
+            (EntryType::GNULongName, "GNU long name", MAX_NAME_LEN + 1),
+            (EntryType::GNULongLink, "GNU long link target", MAX_NAME_LEN + 1),
+            (EntryType::XHeader, "PAX header", MAX_PAX_LEN),
+            (EntryType::XGlobalHeader, "global PAX header", MAX_PAX_LEN),
+        ] {
+            for declared in [limit + 1, huge] {
+                let s = Scene::new();
+                let read = Rc::new(Cell::new(0));
+                let header = raw_entry(b"././@LongLink", kind, b"", b"", declared);
+                let stream = Counted {
+                    inner: io::Cursor::new(header).chain(io::repeat(b'n').take(declared)),
+                    read: Rc::clone(&read),
+                };
+                let err = unpack(stream, &s.dest(), UnpackLimits::default()).unwrap_err();
+                match &err {
+                    UnpackError::HeaderTooLarge {
+                        what: w,
+                        size,
+                        limit: l,
+                        start,
+                    } => {
+                        assert_eq!((*w, *size, *l), (what, declared, limit));
+                        assert_eq!(start.as_str(), "n".repeat(SHOWN_NAME_LEN));
+                    }
+                    other => panic!("{what}: {other:?}"),
+                }
+                // The header block and the few bytes shown: never the data.
+                assert!(read.get() <= 512 + 64 * 1024, "{what}: read {} bytes", read.get());
+            }
+        }
+    }
+
+    #[test]
+    fn names_and_link_targets_longer_than_path_max_are_refused() {
+        let long_name = vec![b'x'; MAX_NAME_LEN as usize + 1];
+        for (a, what) in [
+            (archive(&[pax(&[("path", &long_name)]), file(b"f", b"x")]), "entry name"),
+            (
+                archive(&[
+                    pax(&[("linkpath", &long_name)]),
+                    raw_entry(b"l", EntryType::Symlink, b"", b"", 0),
+                ]),
+                "link target",
+            ),
+            (
+                archive(&[
+                    long(EntryType::GNULongName, &[&long_name[..], b"x"].concat()),
+                    file(b"f", b"x"),
+                ]),
+                "GNU long name",
+            ),
+        ] {
+            let s = Scene::new();
+            match s.unpack(&a).unwrap_err() {
+                UnpackError::HeaderTooLarge { what: w, .. } => assert_eq!(w, what),
+                other => panic!("{what}: {other:?}"),
+            }
+        }
+        // Exactly PATH_MAX bytes is a name the archive may give (the kernel then says
+        // whether it can create it).
+        let s = Scene::new();
+        let at_limit = [&b"d/"[..], &vec![b'x'; MAX_NAME_LEN as usize - 2]].concat();
+        let err = s
+            .unpack(&archive(&[long(EntryType::GNULongName, &at_limit), file(b"f", b"x")]))
+            .unwrap_err();
+        assert!(matches!(err, UnpackError::Io { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn a_pax_size_that_differs_from_the_header_is_refused() {
+        let s = Scene::new();
+        let err = s
+            .unpack(&archive(&[pax(&[("size", b"5")]), file(b"f", b"abc")]))
+            .unwrap_err();
+        match err {
+            UnpackError::Corrupt { entry, reason } => {
+                assert_eq!(entry, "f");
+                assert!(reason.contains("PAX size record (5)"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let s = Scene::new();
+        s.unpack(&archive(&[pax(&[("size", b"3")]), file(b"f", b"abc")]))
+            .unwrap();
+        assert_eq!(fs::read(s.dest().join("f")).unwrap(), b"abc");
+    }
+
+    #[test]
+    fn two_long_names_for_one_entry_and_one_for_no_entry_are_refused() {
+        let s = Scene::new();
+        let err = s
+            .unpack(&archive(&[
+                long(EntryType::GNULongName, b"a"),
+                long(EntryType::GNULongName, b"b"),
+                file(b"f", b"x"),
+            ]))
+            .unwrap_err();
+        assert!(
+            matches!(&err, UnpackError::Corrupt { reason, .. } if reason.contains("two GNU long names")),
+            "{err:?}"
+        );
+        let s = Scene::new();
+        let err = s
+            .unpack(&archive(&[file(b"f", b"x"), long(EntryType::GNULongName, b"a")]))
+            .unwrap_err();
+        assert!(matches!(err, UnpackError::Truncated { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn errors_show_a_long_name_cut_with_its_length() {
+        let s = Scene::new();
+        let name = [&vec![b'a'; 3000][..], b"/../evil"].concat();
+        let err = s
+            .unpack(&archive(&[long(EntryType::GNULongName, &name), file(b"f", b"x")]))
+            .unwrap_err();
+        match err {
+            UnpackError::ParentComponent { entry } => {
+                assert_eq!(entry, format!("{}... (3008 bytes)", "a".repeat(SHOWN_NAME_LEN)));
+            }
+            other => panic!("{other:?}"),
+        }
+        s.assert_outside_untouched();
     }
 
     #[test]
